@@ -1,0 +1,292 @@
+"""Activities that persist resources and run the database side of the ETL.
+
+Every activity here is idempotent: Temporal may run an attempt again after a
+crash, a timeout or a lost completion, and the database must end the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from upsertflow.contracts import (
+    EtlStatus,
+    OutcomeInput,
+    Persisted,
+    PersistInput,
+    StepInput,
+    StepResult,
+)
+from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion, StepOutput
+from upsertflow.normalize import normalize_info
+
+#: PostgreSQL error classes that retrying cannot fix: data exceptions (22) and
+#: integrity violations (23) other than the unique races handled below.
+_PERMANENT_SQLSTATE_CLASSES = ("22",)
+
+
+def _sqlstate(error: DBAPIError) -> str:
+    return str(getattr(error.orig, "sqlstate", "") or getattr(error.orig, "pgcode", "") or "")
+
+
+class ResourceActivities:
+    """Database work of the upsert: persist, the storage side of ETL steps, outcomes."""
+
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+        self._sessions = sessions
+
+    @activity.defn(name="persist")
+    async def persist(self, request: PersistInput) -> Persisted:
+        """Persist the upsert as the resource's next version, or find it if already done."""
+        try:
+            return await self._persist(request)
+        except IntegrityError:
+            # A concurrent attempt of the same request won the race: it is persisted now.
+            return await self._persist(request)
+        except DBAPIError as error:
+            if _sqlstate(error).startswith(_PERMANENT_SQLSTATE_CLASSES):
+                raise ApplicationError(
+                    f"PostgreSQL refused the resource's data: {error.orig}",
+                    type="InvalidData",
+                    non_retryable=True,
+                ) from error
+            raise
+
+    async def _persist(self, request: PersistInput) -> Persisted:
+        info = activity.info()
+        async with self._sessions.begin() as session:
+            existing = await session.scalar(
+                select(ResourceVersion).where(ResourceVersion.request_id == request.request_id)
+            )
+            if existing is not None:
+                resource = await session.get_one(Resource, existing.resource_id)
+                return Persisted(
+                    resource_id=existing.resource_id,
+                    version=existing.version,
+                    created=existing.version == 1,
+                    created_at=resource.created_at,
+                    updated_at=existing.persisted_at,
+                )
+            attributes = await _load_blob_json(session, request.attributes_digest)
+            if await session.get(Blob, request.info_digest) is None:
+                raise _missing_blob(request.info_digest)
+            now = datetime.now(UTC)
+            upsert = (
+                pg_insert(Resource)
+                .values(
+                    id=request.resource_id,
+                    version=1,
+                    attributes=attributes,
+                    created_at=now,
+                    updated_at=now,
+                )
+                .on_conflict_do_update(
+                    index_elements=[Resource.id],
+                    set_={
+                        "version": Resource.version + 1,
+                        "attributes": attributes,
+                        "updated_at": now,
+                    },
+                )
+                .returning(Resource.version, Resource.created_at, Resource.updated_at)
+            )
+            row = (await session.execute(upsert)).one()
+            session.add(
+                ResourceVersion(
+                    resource_id=request.resource_id,
+                    version=row.version,
+                    request_id=request.request_id,
+                    blob_digest=request.info_digest,
+                    persisted_at=row.updated_at,
+                    etl_status=EtlStatus.PENDING,
+                    etl_workflow_id=info.workflow_id,
+                    etl_run_id=info.workflow_run_id,
+                    etl_steps=[],
+                )
+            )
+        return Persisted(
+            resource_id=request.resource_id,
+            version=row.version,
+            created=row.version == 1,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+        )
+
+    @activity.defn(name="normalize")
+    async def normalize(self, step: StepInput) -> StepResult:
+        """Flatten and clean the version's raw `info` into records."""
+        async with self._sessions.begin() as session:
+            if await _superseded(session, step):
+                return _superseded_result()
+            await session.execute(
+                update(ResourceVersion)
+                .where(
+                    ResourceVersion.resource_id == step.resource_id,
+                    ResourceVersion.version == step.version,
+                    ResourceVersion.etl_status == EtlStatus.PENDING,
+                )
+                .values(etl_status=EtlStatus.RUNNING, etl_started_at=func.now())
+            )
+        info = await self._read_input(step)
+        normalized = await asyncio.to_thread(normalize_info, info)
+        await self._write_output(step, normalized.records)
+        return StepResult(
+            attempt=activity.info().attempt,
+            stats={
+                "records": len(normalized.records),
+                "dropped": len(normalized.dropped),
+                "collisions": len(normalized.collisions),
+            },
+            note="; ".join(
+                f"{c.path} <- {', '.join(c.sources)}" for c in normalized.collisions[:10]
+            ),
+        )
+
+    @activity.defn(name="load")
+    async def load(self, step: StepInput) -> StepResult:
+        """Replace the resource's context with this version's records, unless a newer one won."""
+        records = await self._read_input(step)
+        async with self._sessions.begin() as session:
+            current = await session.scalar(
+                select(Resource.version).where(Resource.id == step.resource_id).with_for_update()
+            )
+            if current is None or current > step.version:
+                return _superseded_result()
+            loaded = await session.scalar(
+                select(ResourceContext.version)
+                .where(ResourceContext.resource_id == step.resource_id)
+                .with_for_update()
+            )
+            if loaded is not None and loaded > step.version:
+                return _superseded_result()
+            if loaded != step.version:
+                context = pg_insert(ResourceContext).values(
+                    resource_id=step.resource_id,
+                    version=step.version,
+                    records=records,
+                    loaded_at=func.now(),
+                )
+                await session.execute(
+                    context.on_conflict_do_update(
+                        index_elements=[ResourceContext.resource_id],
+                        set_={
+                            "version": context.excluded.version,
+                            "records": context.excluded.records,
+                            "loaded_at": context.excluded.loaded_at,
+                        },
+                    )
+                )
+            await session.execute(
+                delete(StepOutput).where(
+                    StepOutput.resource_id == step.resource_id,
+                    StepOutput.version == step.version,
+                )
+            )
+        return StepResult(attempt=activity.info().attempt, stats={"records": len(records)})
+
+    @activity.defn(name="record_outcome")
+    async def record_outcome(self, outcome: OutcomeInput) -> None:
+        """Record how the ETL of a version ended, if this workflow still owns that ETL."""
+        async with self._sessions.begin() as session:
+            await session.execute(
+                update(ResourceVersion)
+                .where(
+                    ResourceVersion.resource_id == outcome.resource_id,
+                    ResourceVersion.version == outcome.version,
+                    ResourceVersion.etl_workflow_id == outcome.workflow_id,
+                )
+                .values(
+                    etl_status=outcome.status,
+                    etl_steps=outcome.steps_json(),
+                    etl_error=outcome.error,
+                    etl_finished_at=func.now(),
+                )
+            )
+
+    async def _read_input(self, step: StepInput) -> dict[str, Any]:
+        """Return the previous step's output, or the version's raw `info` for the first step."""
+        async with self._sessions() as session:
+            if step.previous_step is None:
+                digest = await session.scalar(
+                    select(ResourceVersion.blob_digest).where(
+                        ResourceVersion.resource_id == step.resource_id,
+                        ResourceVersion.version == step.version,
+                    )
+                )
+                if digest is None:
+                    raise ApplicationError(
+                        f"resource {step.resource_id} v{step.version} no longer exists",
+                        type="VersionGone",
+                        non_retryable=True,
+                    )
+                return await _load_blob_json(session, digest)
+            body = await session.scalar(
+                select(StepOutput.body).where(
+                    StepOutput.resource_id == step.resource_id,
+                    StepOutput.version == step.version,
+                    StepOutput.step == step.previous_step,
+                )
+            )
+        if body is None:
+            raise ApplicationError(
+                f"the output of step {step.previous_step!r} for {step.resource_id} "
+                f"v{step.version} is missing",
+                type="StepOutputMissing",
+                non_retryable=True,
+            )
+        return await asyncio.to_thread(_decode_object, body)
+
+    async def _write_output(self, step: StepInput, records: dict[str, Any]) -> None:
+        body = await asyncio.to_thread(_encode, records)
+        statement = pg_insert(StepOutput).values(
+            resource_id=step.resource_id, version=step.version, step=step.step, body=body
+        )
+        async with self._sessions.begin() as session:
+            await session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[StepOutput.resource_id, StepOutput.version, StepOutput.step],
+                    set_={"body": statement.excluded.body},
+                )
+            )
+
+
+async def _superseded(session: AsyncSession, step: StepInput) -> bool:
+    current = await session.scalar(select(Resource.version).where(Resource.id == step.resource_id))
+    return current is None or current > step.version
+
+
+def _superseded_result() -> StepResult:
+    return StepResult(superseded=True, attempt=activity.info().attempt)
+
+
+async def _load_blob_json(session: AsyncSession, digest: str) -> dict[str, Any]:
+    body = await session.scalar(select(Blob.body).where(Blob.digest == digest))
+    if body is None:
+        raise _missing_blob(digest)
+    return await asyncio.to_thread(_decode_object, body)
+
+
+def _missing_blob(digest: str) -> ApplicationError:
+    return ApplicationError(
+        f"stored document {digest} is missing", type="BlobMissing", non_retryable=True
+    )
+
+
+def _decode_object(body: bytes) -> dict[str, Any]:
+    value = json.loads(body)
+    if not isinstance(value, dict):
+        raise ApplicationError("stored document is not a JSON object", non_retryable=True)
+    return value
+
+
+def _encode(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

@@ -1,0 +1,41 @@
+"""The HTTP API: `create_app()` builds it; `upsertflow-api` serves it with uvicorn."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from api import problems
+from api.routes import health, resources
+from upsertflow import temporal
+from upsertflow.db import create_engine, create_sessionmaker
+from upsertflow.settings import Settings, get_settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; its lifespan opens the database engine and the Temporal client once."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        app.state.settings = settings
+        app.state.sessions = create_sessionmaker(engine)
+        app.state.temporal = await temporal.connect()
+        try:
+            yield
+        finally:
+            await engine.dispose()
+
+    app = FastAPI(
+        title="upsertflow",
+        version="1",
+        summary="Upsert resources now; their ETL runs durably on Temporal.",
+        lifespan=lifespan,
+    )
+    problems.install(app)
+    app.include_router(resources.router)
+    app.include_router(health.router)
+    return app

@@ -1,0 +1,54 @@
+"""The API's public representations."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from upsertflow.contracts import EtlStatus
+
+
+class ResourceUpsert(BaseModel):
+    """The body of `PUT /resources/{id}` (documentation: the body is read strictly by hand)."""
+
+    attributes: dict[str, Any] = Field(default_factory=dict, description="Stored as given.")
+    info: dict[str, Any] = Field(
+        default_factory=dict, description="Raw material for the ETL pipeline."
+    )
+
+
+class EtlRef(BaseModel):
+    """Where the ETL of a version stands, and where to watch it."""
+
+    status: EtlStatus
+    version: int
+    workflow_id: str
+    run_id: str
+    ui_url: str
+    error: str | None = None
+
+
+class ResourcePublic(BaseModel):
+    id: str
+    version: int
+    attributes: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+    context: dict[str, Any] | None = Field(
+        description="The ETL output of the latest processed version; null until one is loaded."
+    )
+    context_version: int | None
+    etl: EtlRef
+
+
+class UpsertAccepted(BaseModel):
+    """`202`: the upsert is durable and will be applied; follow `Location`."""
+
+    id: str
+    request_id: str
+    workflow_id: str
+    run_id: str | None
+    ui_url: str
+    status: str = "accepted"

@@ -1,0 +1,110 @@
+"""The data contracts between the API, the workflow and the activities.
+
+One model per input and output, so fields can be added without breaking running
+workflows (add them with defaults). Everything here travels through Temporal
+histories, so everything here is small: large data is passed by reference
+(blob digests, step outputs stored in PostgreSQL).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+
+class EtlStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SUPERSEDED = "superseded"
+    CANCELLED = "cancelled"
+
+
+class StepStatus(StrEnum):
+    PENDING = "pending"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class UpsertRequest(BaseModel):
+    """Input of `UpsertWorkflow`: what the API accepted, by reference."""
+
+    resource_id: str
+    request_id: str
+    attributes_digest: str
+    info_digest: str
+    info_bytes: int = 0
+    idempotency_key: str | None = None
+
+
+class PersistInput(BaseModel):
+    resource_id: str
+    request_id: str
+    attributes_digest: str
+    info_digest: str
+
+
+class Persisted(BaseModel):
+    """The version a `persist` created (or found, when it had already run)."""
+
+    resource_id: str
+    version: int
+    created: bool
+    created_at: datetime
+    updated_at: datetime
+
+
+class StepInput(BaseModel):
+    """What every ETL step receives: which version, and whose output to read."""
+
+    resource_id: str
+    version: int
+    step: str
+    previous_step: str | None = None
+
+
+class StepResult(BaseModel):
+    """A step's small report; its data stays in PostgreSQL."""
+
+    superseded: bool = False
+    attempt: int = 1
+    stats: dict[str, int] = Field(default_factory=dict)
+    note: str = ""
+
+
+class StepState(BaseModel):
+    name: str
+    status: StepStatus = StepStatus.PENDING
+    attempts: int = 0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str | None = None
+    stats: dict[str, int] = Field(default_factory=dict)
+
+
+class EtlProgress(BaseModel):
+    """The step-by-step state of one ETL run: the `progress` query and the workflow's result."""
+
+    resource_id: str
+    version: int | None = None
+    status: EtlStatus = EtlStatus.PENDING
+    steps: list[StepState] = Field(default_factory=list)
+    error: str | None = None
+
+
+class OutcomeInput(BaseModel):
+    resource_id: str
+    version: int
+    workflow_id: str
+    status: EtlStatus
+    steps: list[StepState]
+    error: str | None = None
+
+    def steps_json(self) -> list[dict[str, Any]]:
+        return [step.model_dump(mode="json") for step in self.steps]

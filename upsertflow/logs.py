@@ -1,0 +1,63 @@
+"""Logging for every process: readable text under `make dev`, JSON lines in production.
+
+The standard `logging` module stays the API (the Temporal SDK logs through it,
+with workflow and activity ids in `extra`); structlog only renders.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import structlog
+
+from upsertflow.settings import Settings
+
+#: `extra` keys the Temporal SDK's workflow and activity loggers attach.
+_TEMPORAL_CONTEXT = ("temporal_workflow", "temporal_activity")
+
+
+def _flatten_temporal_context(
+    _logger: object, _name: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    record = event.get("_record")
+    for key in _TEMPORAL_CONTEXT:
+        context = getattr(record, key, None)
+        if isinstance(context, dict):
+            event.update(context)
+    return event
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route all logging through one structlog formatter on stderr."""
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if settings.log_format == "json"
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_log_level,
+            structlog.stdlib.add_logger_name,
+            structlog.stdlib.ExtraAdder(),
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _flatten_temporal_context,
+        ],
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler()
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        cache_logger_on_first_use=True,
+    )

@@ -1,0 +1,95 @@
+"""Database tables (SQLAlchemy 2 declarative). Migrations live in `migrations/`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import DateTime, ForeignKey, ForeignKeyConstraint, Index, Integer, LargeBinary, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import func
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Blob(Base):
+    """Content-addressed request documents (`{"attributes", "info"}`): the claim-check store.
+
+    Workflows carry the digest, never the document itself.
+    """
+
+    __tablename__ = "blobs"
+
+    digest: Mapped[str] = mapped_column(Text, primary_key=True)  # sha256 hex of `body`
+    body: Mapped[bytes] = mapped_column(LargeBinary)  # canonical JSON, UTF-8
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
+class Resource(Base):
+    """The current state of a resource: its latest persisted version."""
+
+    __tablename__ = "resources"
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class ResourceVersion(Base):
+    """One persisted upsert, and the state of the ETL run over it."""
+
+    __tablename__ = "resource_versions"
+    __table_args__ = (Index("ix_resource_versions_etl_status", "etl_status"),)
+
+    resource_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("resources.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The request that created this version: a retried `persist` finds it and writes nothing.
+    request_id: Mapped[str] = mapped_column(Text, unique=True)
+    blob_digest: Mapped[str] = mapped_column(Text, ForeignKey("blobs.digest"))
+    persisted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    etl_status: Mapped[str] = mapped_column(Text)
+    etl_workflow_id: Mapped[str] = mapped_column(Text)
+    etl_run_id: Mapped[str] = mapped_column(Text)
+    etl_steps: Mapped[list[dict[str, Any]]] = mapped_column(JSONB, default=list)
+    etl_error: Mapped[str | None] = mapped_column(Text)
+    etl_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    etl_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class StepOutput(Base):
+    """The output of one ETL step for one version, read by the next step (claim-check)."""
+
+    __tablename__ = "etl_step_outputs"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["resource_id", "version"],
+            ["resource_versions.resource_id", "resource_versions.version"],
+            ondelete="CASCADE",
+        ),
+    )
+
+    resource_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    step: Mapped[str] = mapped_column(Text, primary_key=True)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ResourceContext(Base):
+    """The ETL output (records) of the latest loaded version of a resource."""
+
+    __tablename__ = "resource_contexts"
+
+    resource_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("resources.id", ondelete="CASCADE"), primary_key=True
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    records: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

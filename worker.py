@@ -1,0 +1,78 @@
+"""The Temporal worker: runs `UpsertWorkflow` and its activities.
+
+Run any number of these, on any number of machines: `upsertflow-worker`.
+SIGTERM or SIGINT stops polling and lets running activities finish within
+`UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
+from temporalio.worker import Worker
+
+from activities.resources import ResourceActivities
+from upsertflow import temporal
+from upsertflow.db import create_engine, create_sessionmaker
+from upsertflow.logs import configure_logging
+from upsertflow.settings import Settings, get_settings
+from workflows.upsert import UpsertWorkflow
+
+log = logging.getLogger("upsertflow.worker")
+
+
+def build_worker(client: Client, settings: Settings, activities: ResourceActivities) -> Worker:
+    """Return a worker for upsertflow's workflows and activities on the configured task queue."""
+    return Worker(
+        client,
+        task_queue=settings.task_queue,
+        workflows=[UpsertWorkflow],
+        activities=[
+            activities.persist,
+            activities.normalize,
+            activities.load,
+            activities.record_outcome,
+        ],
+        graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
+    )
+
+
+async def run(settings: Settings) -> None:
+    """Run the worker until SIGTERM or SIGINT."""
+    runtime = None
+    if settings.worker_metrics_port:
+        runtime = Runtime(
+            telemetry=TelemetryConfig(
+                metrics=PrometheusConfig(bind_address=f"0.0.0.0:{settings.worker_metrics_port}")
+            )
+        )
+    client = await temporal.connect(runtime=runtime)
+    engine = create_engine(settings)
+    worker = build_worker(client, settings, ResourceActivities(create_sessionmaker(engine)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with worker:
+            log.info("worker started", extra={"task_queue": settings.task_queue})
+            await stop.wait()
+            log.info("worker stopping: finishing running activities")
+    finally:
+        await engine.dispose()
+    log.info("worker stopped")
+
+
+def main() -> None:
+    settings = get_settings()
+    configure_logging(settings)
+    asyncio.run(run(settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""`UpsertWorkflow`: persist one upsert, then run the ETL pipeline over it."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from activities.resources import ResourceActivities
+    from upsertflow.contracts import (
+        EtlProgress,
+        EtlStatus,
+        OutcomeInput,
+        Persisted,
+        PersistInput,
+        StepInput,
+        StepState,
+        StepStatus,
+        UpsertRequest,
+    )
+    from workflows import ETL_STATUS, RESOURCE_ID, RESOURCE_VERSION
+    from workflows.pipeline import PIPELINE
+
+#: Persisting must outlive a PostgreSQL outage: the client was already told "accepted".
+_PERSIST_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+)
+_PERSIST_DEADLINE = timedelta(hours=24)
+
+
+@workflow.defn
+class UpsertWorkflow:
+    """Persist the upsert as a new version, answer the `persisted` update, then run the ETL."""
+
+    @workflow.init
+    def __init__(self, request: UpsertRequest) -> None:
+        self._request = request
+        self._persisted: Persisted | None = None
+        self._persist_error: str | None = None
+        self._progress = EtlProgress(
+            resource_id=request.resource_id,
+            steps=[StepState(name=step.name) for step in PIPELINE],
+        )
+
+    @workflow.run
+    async def run(self, request: UpsertRequest) -> EtlProgress:
+        persisted = await self._persist(request)
+        progress = self._progress
+        progress.version = persisted.version
+        self._set_status(EtlStatus.RUNNING)
+        previous: str | None = None
+        for index, (step, state) in enumerate(zip(PIPELINE, progress.steps, strict=True)):
+            workflow.set_current_details(
+                f"Step **{step.name}** ({index + 1}/{len(PIPELINE)}) of resource "
+                f"`{request.resource_id}` v{persisted.version}"
+            )
+            state.status = StepStatus.RUNNING
+            state.started_at = workflow.now()
+            try:
+                result = await workflow.execute_activity_method(
+                    step.activity,
+                    StepInput(
+                        resource_id=request.resource_id,
+                        version=persisted.version,
+                        step=step.name,
+                        previous_step=previous,
+                    ),
+                    start_to_close_timeout=step.start_to_close,
+                    schedule_to_close_timeout=step.schedule_to_close,
+                    heartbeat_timeout=step.heartbeat,
+                    retry_policy=step.retry,
+                    summary=f"{step.name} {request.resource_id} v{persisted.version}",
+                )
+            except ActivityError as error:
+                state.status = StepStatus.FAILED
+                state.finished_at = workflow.now()
+                state.error = _describe(error)
+                if not step.required:
+                    continue
+                progress.error = f"step {step.name} failed: {state.error}"
+                await self._finish(EtlStatus.FAILED)
+                raise ApplicationError(
+                    progress.error, type="EtlFailed", non_retryable=True
+                ) from None
+            except asyncio.CancelledError:
+                state.status = StepStatus.SKIPPED
+                progress.error = "cancelled"
+                await self._finish(EtlStatus.CANCELLED)
+                raise
+            state.finished_at = workflow.now()
+            state.attempts = result.attempt
+            state.stats = result.stats
+            if result.superseded:
+                state.status = StepStatus.SKIPPED
+                for later in progress.steps[index + 1 :]:
+                    later.status = StepStatus.SKIPPED
+                progress.error = "a newer version was persisted before this one finished"
+                await self._finish(EtlStatus.SUPERSEDED)
+                return progress
+            state.status = StepStatus.SUCCEEDED
+            previous = step.name
+        await self._finish(EtlStatus.SUCCEEDED)
+        return progress
+
+    @workflow.update
+    async def persisted(self) -> Persisted:
+        """Wait until the upsert is persisted and return its version."""
+        await workflow.wait_condition(
+            lambda: self._persisted is not None or self._persist_error is not None
+        )
+        if self._persisted is None:
+            raise ApplicationError(self._persist_error or "persist failed", type="PersistFailed")
+        return self._persisted
+
+    @workflow.query
+    def progress(self) -> EtlProgress:
+        """Return the step-by-step state of the ETL."""
+        return self._progress
+
+    async def _persist(self, request: UpsertRequest) -> Persisted:
+        workflow.set_current_details(f"Persisting resource `{request.resource_id}`")
+        try:
+            persisted = await workflow.execute_activity_method(
+                ResourceActivities.persist,
+                PersistInput(
+                    resource_id=request.resource_id,
+                    request_id=request.request_id,
+                    attributes_digest=request.attributes_digest,
+                    info_digest=request.info_digest,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                schedule_to_close_timeout=_PERSIST_DEADLINE,
+                retry_policy=_PERSIST_RETRY,
+                summary=f"persist {request.resource_id}",
+            )
+        except ActivityError as error:
+            self._persist_error = _describe(error)
+            self._progress.status = EtlStatus.FAILED
+            self._progress.error = f"persist failed: {self._persist_error}"
+            # Let the waiting `persisted` update answer before the workflow closes.
+            await workflow.wait_condition(workflow.all_handlers_finished)
+            raise ApplicationError(
+                self._progress.error, type="PersistFailed", non_retryable=True
+            ) from None
+        self._persisted = persisted
+        return persisted
+
+    def _set_status(self, status: EtlStatus) -> None:
+        self._progress.status = status
+        assert self._progress.version is not None
+        workflow.upsert_search_attributes(
+            [
+                RESOURCE_ID.value_set(self._request.resource_id),
+                RESOURCE_VERSION.value_set(self._progress.version),
+                ETL_STATUS.value_set(status.value),
+            ]
+        )
+
+    async def _finish(self, status: EtlStatus) -> None:
+        """Record the outcome in PostgreSQL and in the search attributes."""
+        self._set_status(status)
+        assert self._progress.version is not None
+        workflow.set_current_details(
+            f"ETL of resource `{self._request.resource_id}` v{self._progress.version}: "
+            f"**{status.value}**" + (f" — {self._progress.error}" if self._progress.error else "")
+        )
+        await workflow.execute_activity_method(
+            ResourceActivities.record_outcome,
+            OutcomeInput(
+                resource_id=self._request.resource_id,
+                version=self._progress.version,
+                workflow_id=workflow.info().workflow_id,
+                status=status,
+                steps=self._progress.steps,
+                error=self._progress.error,
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            schedule_to_close_timeout=_PERSIST_DEADLINE,
+            retry_policy=_PERSIST_RETRY,
+            summary=f"record {status.value} {self._request.resource_id} v{self._progress.version}",
+        )
+
+
+def _describe(error: ActivityError) -> str:
+    """Say why an activity failed, in one line a person can act on."""
+    cause = error.cause
+    if cause is None:
+        return str(error)
+    message = getattr(cause, "message", "") or str(cause)
+    return f"{type(cause).__name__}: {message}"
