@@ -9,7 +9,8 @@ import uuid
 from typing import Annotated, Any
 from urllib.parse import quote
 
-from fastapi import APIRouter, Header, Path, Request, Response
+from fastapi import APIRouter, Header, Path, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -98,7 +99,7 @@ async def _store_documents(session: AsyncSession, *documents: Document) -> None:
     operation_id="upsertResource",
     summary="Create or update a resource",
     status_code=201,
-    response_model=ResourcePublic,
+    response_model=None,
     responses={
         200: {"model": ResourcePublic, "description": "Updated: a new version was persisted."},
         201: {"model": ResourcePublic, "description": "Created: version 1 was persisted."},
@@ -118,14 +119,13 @@ async def _store_documents(session: AsyncSession, *documents: Document) -> None:
 async def upsert_resource(
     resource_id: ResourceIdPath,
     request: Request,
-    response: Response,
     session: SessionDep,
     client: TemporalDep,
     settings: SettingsDep,
     prefer: Annotated[
         str | None, Header(description="`respond-async` answers 202 at once.")
     ] = None,
-) -> Any:
+) -> JSONResponse:
     """Persist a new version of the resource, then run its ETL durably.
 
     Waits until the version is persisted (not for the ETL) and answers `201` or
@@ -159,10 +159,9 @@ async def upsert_resource(
         "upsert accepted",
         extra={"resource_id": resource_id, "request_id": request_id, "workflow_id": workflow_id},
     )
-    response.headers["X-Request-ID"] = request_id
-    location = f"/resources/{resource_id}"
+    headers = {"X-Request-ID": request_id, "Location": f"/resources/{resource_id}"}
     if prefer is not None and "respond-async" in prefer.lower():
-        return await _accepted(client, settings, upsert, start, location, response)
+        return await _accepted(client, settings, upsert, start, headers)
     operation = WithStartWorkflowOperation(UpsertWorkflow.run, upsert, **start)
     try:
         async with asyncio.timeout(settings.sync_timeout_seconds):
@@ -170,7 +169,7 @@ async def upsert_resource(
                 UpsertWorkflow.persisted, start_workflow_operation=operation, id=request_id
             )
     except TimeoutError:
-        return await _accepted(client, settings, upsert, start, location, response)
+        return await _accepted(client, settings, upsert, start, headers)
     except WorkflowUpdateFailedError as error:
         cause = error.cause
         raise Problem(
@@ -183,15 +182,13 @@ async def upsert_resource(
         raise _temporal_unavailable(error) from None
     handle = await operation.workflow_handle()
     run_id = handle.result_run_id or ""
-    response.status_code = 201 if persisted.created else 200
-    response.headers["Location"] = location
-    return _representation(
-        settings,
-        client,
-        persisted,
-        body.attributes.value,
-        workflow_id,
-        run_id,
+    representation = _representation(
+        settings, client, persisted, body.attributes.value, workflow_id, run_id
+    )
+    return JSONResponse(
+        representation.model_dump(mode="json"),
+        status_code=201 if persisted.created else 200,
+        headers=headers,
     )
 
 
@@ -200,23 +197,21 @@ async def _accepted(
     settings: Settings,
     upsert: UpsertRequest,
     start: dict[str, Any],
-    location: str,
-    response: Response,
-) -> UpsertAccepted:
+    headers: dict[str, str],
+) -> JSONResponse:
     """Make sure the workflow exists (idempotently, by id) and answer 202."""
     try:
         handle = await client.start_workflow(UpsertWorkflow.run, upsert, **start)
     except RPCError as error:
         raise _temporal_unavailable(error) from None
-    response.status_code = 202
-    response.headers["Location"] = location
-    return UpsertAccepted(
+    accepted = UpsertAccepted(
         id=upsert.resource_id,
         request_id=upsert.request_id,
         workflow_id=handle.id,
         run_id=handle.result_run_id,
         ui_url=ui_url(settings, client.namespace, handle.id, handle.result_run_id),
     )
+    return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers=headers)
 
 
 def _representation(

@@ -1,0 +1,120 @@
+"""Fixtures on real components: an embedded PostgreSQL with the migrations applied,
+a Temporal dev server, workers on a fresh task queue per test, the ASGI app."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.resources import ResourceActivities
+from api.main import create_app
+from upsertflow import temporal
+from upsertflow.db import create_engine, create_sessionmaker
+from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer
+from upsertflow.settings import Settings
+from worker import build_worker
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# The suite runs on its own servers, never on whatever the shell points at.
+for _name in ("DATABASE_URL", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "TEMPORAL_API_KEY"):
+    os.environ.pop(_name, None)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def migrate(database_url: str) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(REPO_ROOT / "alembic.ini"), "upgrade", "head"],
+        env={**os.environ, "DATABASE_URL": database_url},
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server of the suite's own, migrated to head."""
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", delete_on_stop=True)
+    url = server.start()
+    try:
+        migrate(url)
+        yield url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Temporal dev server (in memory) with the project's search attributes."""
+    log_path = tmp_path_factory.mktemp("temporal") / "server.log"
+    with log_path.open("wb") as log_file:
+        server = TemporalDevServer(
+            db_file=None, port=free_port(), ui_port=free_port(), log_file=log_file
+        )
+        address = server.start()
+        os.environ["TEMPORAL_ADDRESS"] = address
+        try:
+            yield address
+        finally:
+            os.environ.pop("TEMPORAL_ADDRESS", None)
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(temporal_address: str) -> Client:
+    return await temporal.connect()
+
+
+@pytest.fixture
+def settings(database_url: str, temporal_address: str) -> Settings:
+    """Settings for one test: its own task queue, so its workflows meet only its worker."""
+    return Settings(database_url=database_url, task_queue=f"test-{uuid.uuid4().hex}")
+
+
+@pytest.fixture(scope="session")
+async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    engine = create_engine(Settings(database_url=database_url))
+    yield create_sessionmaker(engine)
+    await engine.dispose()
+
+
+@pytest.fixture
+async def worker(
+    client: Client, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> AsyncIterator[Worker]:
+    """The project's real worker, in-process, on the test's task queue."""
+    async with build_worker(client, settings, ResourceActivities(sessions)) as running:
+        yield running
+
+
+@pytest.fixture
+async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The ASGI app with its lifespan run, over httpx."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            yield http
+
+
+@pytest.fixture
+def resource_id() -> str:
+    """A resource id no other test uses."""
+    return f"r-{uuid.uuid4().hex[:12]}"
