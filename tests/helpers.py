@@ -12,10 +12,10 @@ TERMINAL = {"succeeded", "failed", "superseded", "cancelled"}
 
 
 async def wait_for_etl(
-    http: httpx.AsyncClient, resource_id: str, version: int, timeout: float = 30.0
+    http: httpx.AsyncClient, resource_id: str, version: int, within: float = 30.0
 ) -> dict[str, Any]:
     """Poll `GET /resources/{id}` until the ETL of `version` has ended; return the resource."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     body: dict[str, Any] = {}
     while time.monotonic() < deadline:
         response = await http.get(f"/resources/{resource_id}")

@@ -278,7 +278,7 @@ def test_output_is_deterministic() -> None:
 
 def test_rejects_non_json_input() -> None:
     with pytest.raises(TypeError):
-        normalize_info({"a": {1: "x"}})  # type: ignore[dict-item]
+        normalize_info({"a": {1: "x"}})
     with pytest.raises(TypeError):
         normalize_info({"a": {1, 2}})
     with pytest.raises(ValueError):

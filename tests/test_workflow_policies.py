@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 import math
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 import pytest
 from temporalio import activity
@@ -63,7 +64,7 @@ class Fakes:
         self.attempts[name] = activity.info().attempt
         return activity.info().attempt
 
-    def activities(self) -> list[object]:
+    def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="persist")
         async def persist(request: PersistInput) -> Persisted:
             self._count("persist")

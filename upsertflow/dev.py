@@ -98,7 +98,15 @@ def main() -> None:
             env["UPSERTFLOW_TEMPORAL_UI_URL"] = ui_url
             log.info("Temporal dev server ready at %s", temporal.address)
         subprocess.run(
-            [sys.executable, "-m", "alembic", "-c", str(REPO_ROOT / "alembic.ini"), "upgrade", "head"],
+            [
+                sys.executable,
+                "-m",
+                "alembic",
+                "-c",
+                str(REPO_ROOT / "alembic.ini"),
+                "upgrade",
+                "head",
+            ],
             env=env,
             check=True,
         )
@@ -106,7 +114,13 @@ def main() -> None:
         env.setdefault("UPSERTFLOW_ENRICHMENT_URL", enrichment_url)
         enrichment = supervisor.spawn(
             "enrichment service",
-            [sys.executable, "-m", "enrichment_service", "--port", str(settings.dev_enrichment_port)],
+            [
+                sys.executable,
+                "-m",
+                "enrichment_service",
+                "--port",
+                str(settings.dev_enrichment_port),
+            ],
             env,
         )
         wait_for_port("127.0.0.1", settings.dev_enrichment_port, 30, enrichment)

