@@ -12,11 +12,15 @@ import logging
 import signal
 from datetime import timedelta
 
+import httpx
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
+from activities.enrich import EnrichActivities
 from activities.resources import ResourceActivities
+from activities.steps import StepStore
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.logs import configure_logging
@@ -26,19 +30,36 @@ from workflows.upsert import UpsertWorkflow
 log = logging.getLogger("upsertflow.worker")
 
 
-def build_worker(client: Client, settings: Settings, activities: ResourceActivities) -> Worker:
+def build_worker(
+    client: Client,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+) -> Worker:
     """Return a worker for upsertflow's workflows and activities on the configured task queue."""
+    resources = ResourceActivities(sessions)
+    enrichment = EnrichActivities(StepStore(sessions), http, settings.enrichment)
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[UpsertWorkflow],
         activities=[
-            activities.persist,
-            activities.normalize,
-            activities.load,
-            activities.record_outcome,
+            resources.persist,
+            resources.normalize,
+            enrichment.enrich,
+            resources.load,
+            resources.record_outcome,
         ],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
+    )
+
+
+def enrichment_client(settings: Settings) -> httpx.AsyncClient:
+    """The worker's one HTTP client for the enrichment service: pooled, with timeouts."""
+    limit = settings.enrichment.max_connections
+    return httpx.AsyncClient(
+        timeout=settings.enrichment.request_timeout_seconds,
+        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
     )
 
 
@@ -53,7 +74,8 @@ async def run(settings: Settings) -> None:
         )
     client = await temporal.connect(runtime=runtime)
     engine = create_engine(settings)
-    worker = build_worker(client, settings, ResourceActivities(create_sessionmaker(engine)))
+    http = enrichment_client(settings)
+    worker = build_worker(client, settings, create_sessionmaker(engine), http)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -64,6 +86,7 @@ async def run(settings: Settings) -> None:
             await stop.wait()
             log.info("worker stopping: finishing running activities")
     finally:
+        await http.aclose()
         await engine.dispose()
     log.info("worker stopped")
 

@@ -7,9 +7,7 @@ crash, a timeout or a lost completion, and the database must end the same.
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -18,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.steps import StepStore, load_blob_json, missing_blob
 from upsertflow.contracts import (
     EtlStatus,
     OutcomeInput,
@@ -43,6 +42,7 @@ class ResourceActivities:
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self._sessions = sessions
+        self._store = StepStore(sessions)
 
     @activity.defn(name="persist")
     async def persist(self, request: PersistInput) -> Persisted:
@@ -76,9 +76,9 @@ class ResourceActivities:
                     created_at=resource.created_at,
                     updated_at=existing.persisted_at,
                 )
-            attributes = await _load_blob_json(session, request.attributes_digest)
+            attributes = await load_blob_json(session, request.attributes_digest)
             if await session.get(Blob, request.info_digest) is None:
-                raise _missing_blob(request.info_digest)
+                raise missing_blob(request.info_digest)
             now = datetime.now(UTC)
             upsert = (
                 pg_insert(Resource)
@@ -124,21 +124,11 @@ class ResourceActivities:
     @activity.defn(name="normalize")
     async def normalize(self, step: StepInput) -> StepResult:
         """Flatten and clean the version's raw `info` into records."""
-        async with self._sessions.begin() as session:
-            if await _superseded(session, step):
-                return _superseded_result()
-            await session.execute(
-                update(ResourceVersion)
-                .where(
-                    ResourceVersion.resource_id == step.resource_id,
-                    ResourceVersion.version == step.version,
-                    ResourceVersion.etl_status == EtlStatus.PENDING,
-                )
-                .values(etl_status=EtlStatus.RUNNING, etl_started_at=func.now())
-            )
-        info = await self._read_input(step)
+        if not await self._store.begin(step):
+            return superseded_result()
+        info = await self._store.read_input(step)
         normalized = await asyncio.to_thread(normalize_info, info)
-        await self._write_output(step, normalized.records)
+        await self._store.write(step, dict(normalized.records))
         return StepResult(
             attempt=activity.info().attempt,
             stats={
@@ -154,20 +144,20 @@ class ResourceActivities:
     @activity.defn(name="load")
     async def load(self, step: StepInput) -> StepResult:
         """Replace the resource's context with this version's records, unless a newer one won."""
-        records = await self._read_input(step)
+        records = await self._store.read_input(step)
         async with self._sessions.begin() as session:
             current = await session.scalar(
                 select(Resource.version).where(Resource.id == step.resource_id).with_for_update()
             )
             if current is None or current > step.version:
-                return _superseded_result()
+                return superseded_result()
             loaded = await session.scalar(
                 select(ResourceContext.version)
                 .where(ResourceContext.resource_id == step.resource_id)
                 .with_for_update()
             )
             if loaded is not None and loaded > step.version:
-                return _superseded_result()
+                return superseded_result()
             if loaded != step.version:
                 context = pg_insert(ResourceContext).values(
                     resource_id=step.resource_id,
@@ -212,81 +202,6 @@ class ResourceActivities:
                 )
             )
 
-    async def _read_input(self, step: StepInput) -> dict[str, Any]:
-        """Return the previous step's output, or the version's raw `info` for the first step."""
-        async with self._sessions() as session:
-            if step.previous_step is None:
-                digest = await session.scalar(
-                    select(ResourceVersion.blob_digest).where(
-                        ResourceVersion.resource_id == step.resource_id,
-                        ResourceVersion.version == step.version,
-                    )
-                )
-                if digest is None:
-                    raise ApplicationError(
-                        f"resource {step.resource_id} v{step.version} no longer exists",
-                        type="VersionGone",
-                        non_retryable=True,
-                    )
-                return await _load_blob_json(session, digest)
-            body = await session.scalar(
-                select(StepOutput.body).where(
-                    StepOutput.resource_id == step.resource_id,
-                    StepOutput.version == step.version,
-                    StepOutput.step == step.previous_step,
-                )
-            )
-        if body is None:
-            raise ApplicationError(
-                f"the output of step {step.previous_step!r} for {step.resource_id} "
-                f"v{step.version} is missing",
-                type="StepOutputMissing",
-                non_retryable=True,
-            )
-        return await asyncio.to_thread(_decode_object, body)
 
-    async def _write_output(self, step: StepInput, records: dict[str, Any]) -> None:
-        body = await asyncio.to_thread(_encode, records)
-        statement = pg_insert(StepOutput).values(
-            resource_id=step.resource_id, version=step.version, step=step.step, body=body
-        )
-        async with self._sessions.begin() as session:
-            await session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[StepOutput.resource_id, StepOutput.version, StepOutput.step],
-                    set_={"body": statement.excluded.body},
-                )
-            )
-
-
-async def _superseded(session: AsyncSession, step: StepInput) -> bool:
-    current = await session.scalar(select(Resource.version).where(Resource.id == step.resource_id))
-    return current is None or current > step.version
-
-
-def _superseded_result() -> StepResult:
+def superseded_result() -> StepResult:
     return StepResult(superseded=True, attempt=activity.info().attempt)
-
-
-async def _load_blob_json(session: AsyncSession, digest: str) -> dict[str, Any]:
-    body = await session.scalar(select(Blob.body).where(Blob.digest == digest))
-    if body is None:
-        raise _missing_blob(digest)
-    return await asyncio.to_thread(_decode_object, body)
-
-
-def _missing_blob(digest: str) -> ApplicationError:
-    return ApplicationError(
-        f"stored document {digest} is missing", type="BlobMissing", non_retryable=True
-    )
-
-
-def _decode_object(body: bytes) -> dict[str, Any]:
-    value = json.loads(body)
-    if not isinstance(value, dict):
-        raise ApplicationError("stored document is not a JSON object", non_retryable=True)
-    return value
-
-
-def _encode(value: Any) -> bytes:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()

@@ -17,13 +17,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.resources import ResourceActivities
 from api.main import create_app
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer
-from upsertflow.settings import Settings
-from worker import build_worker
+from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, wait_for_port
+from upsertflow.settings import Enrichment, Settings
+from worker import build_worker, enrichment_client
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,9 +82,13 @@ async def client(temporal_address: str) -> Client:
 
 
 @pytest.fixture
-def settings(database_url: str, temporal_address: str) -> Settings:
+def settings(database_url: str, temporal_address: str, enrichment_url: str) -> Settings:
     """Settings for one test: its own task queue, so its workflows meet only its worker."""
-    return Settings(database_url=database_url, task_queue=f"test-{uuid.uuid4().hex}")
+    return Settings(
+        database_url=database_url,
+        task_queue=f"test-{uuid.uuid4().hex}",
+        enrichment=Enrichment(url=enrichment_url),
+    )
 
 
 @pytest.fixture(scope="session")
@@ -95,13 +98,46 @@ async def sessions(database_url: str) -> AsyncIterator[async_sessionmaker[AsyncS
     await engine.dispose()
 
 
+@pytest.fixture(scope="session")
+def enrichment_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The local enrichment service, as a real server process."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("enrichment") / "service.log"
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "enrichment_service", "--port", str(port)],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_port("127.0.0.1", port, 30, process)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+@pytest.fixture
+async def enrichment(enrichment_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of the enrichment service's admin API; faults and stats reset around each test."""
+    async with httpx.AsyncClient(base_url=enrichment_url) as admin:
+        await admin.delete("/_faults")
+        await admin.delete("/_stats")
+        yield admin
+        await admin.delete("/_faults")
+
+
 @pytest.fixture
 async def worker(
-    client: Client, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+    client: Client,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    enrichment: httpx.AsyncClient,
 ) -> AsyncIterator[Worker]:
     """The project's real worker, in-process, on the test's task queue."""
-    async with build_worker(client, settings, ResourceActivities(sessions)) as running:
-        yield running
+    async with enrichment_client(settings) as http:
+        async with build_worker(client, settings, sessions, http) as running:
+            yield running
 
 
 @pytest.fixture

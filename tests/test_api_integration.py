@@ -34,7 +34,7 @@ async def test_put_persists_then_etl_fills_the_context(
 
     handle = client.get_workflow_handle_for(UpsertWorkflow.run, body["etl"]["workflow_id"])
     result = await handle.result()
-    assert [step.name for step in result.steps] == ["normalize", "load"]
+    assert [step.name for step in result.steps] == ["normalize", "enrich", "load"]
     assert all(step.status == "succeeded" for step in result.steps)
     progress = await handle.query(UpsertWorkflow.progress)
     assert progress.status == "succeeded"

@@ -98,6 +98,10 @@ class Fakes:
                 raise RuntimeError("still failing")
             return StepResult(attempt=attempt, stats={"records": 3})
 
+        @activity.defn(name="enrich")
+        async def enrich(step: StepInput) -> StepResult:
+            return StepResult(attempt=self._count("enrich"))
+
         @activity.defn(name="load")
         async def load(step: StepInput) -> StepResult:
             return StepResult(attempt=self._count("load"), stats={"records": 3})
@@ -106,7 +110,7 @@ class Fakes:
         async def record_outcome(outcome: OutcomeInput) -> None:
             self.outcomes.append(outcome)
 
-        return [persist, normalize, load, record_outcome]
+        return [persist, normalize, enrich, load, record_outcome]
 
 
 def _request() -> UpsertRequest:
@@ -207,7 +211,11 @@ async def test_non_retryable_error_fails_the_etl_at_once(env: WorkflowEnvironmen
     assert "load" not in fakes.attempts
     outcome = fakes.outcomes[-1]
     assert outcome.status == EtlStatus.FAILED
-    assert [step.status for step in outcome.steps] == [StepStatus.FAILED, StepStatus.PENDING]
+    assert [step.status for step in outcome.steps] == [
+        StepStatus.FAILED,
+        StepStatus.PENDING,
+        StepStatus.PENDING,
+    ]
     assert outcome.error is not None and "info is not usable" in outcome.error
 
 

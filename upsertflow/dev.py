@@ -111,7 +111,7 @@ def main() -> None:
             check=True,
         )
         enrichment_url = f"http://127.0.0.1:{settings.dev_enrichment_port}"
-        env.setdefault("UPSERTFLOW_ENRICHMENT_URL", enrichment_url)
+        env.setdefault("UPSERTFLOW_ENRICHMENT__URL", enrichment_url)
         enrichment = supervisor.spawn(
             "enrichment service",
             [
@@ -134,7 +134,7 @@ def main() -> None:
             f"    API docs     {api_url}/docs\n"
             f"    Temporal UI  {ui_url}\n"
             f"    Temporal     {env['TEMPORAL_ADDRESS']}\n"
-            f"    Enrichment   {env['UPSERTFLOW_ENRICHMENT_URL']}\n"
+            f"    Enrichment   {env['UPSERTFLOW_ENRICHMENT__URL']}\n"
             "  Ctrl-C stops everything; the data stays in "
             f"{data_dir if (postgres or temporal) else 'your external services'}.\n",
             flush=True,

@@ -22,6 +22,27 @@ class Limits(BaseModel):
     max_info_keys: int = 200_000
 
 
+class EnrichmentRule(BaseModel):
+    """Send the records whose dotted path matches `path` (a regex) to the service as `kind`."""
+
+    path: str
+    kind: str
+
+
+class Enrichment(BaseModel):
+    """The `enrich` step: which records go to the enrichment service, and how."""
+
+    url: str = "http://127.0.0.1:8300"
+    rules: list[EnrichmentRule] = [
+        EnrichmentRule(path=r"(^|\.)(country|country_code)$", kind="country_code"),
+        EnrichmentRule(path=r"(^|\.)e_?mail(_address)?$", kind="email"),
+        EnrichmentRule(path=r"(^|\.)(currency|currency_code)$", kind="currency_code"),
+    ]
+    batch_size: int = 100
+    request_timeout_seconds: float = 5.0
+    max_connections: int = 20
+
+
 class Settings(BaseSettings):
     """All of upsertflow's settings. Environment variables are `UPSERTFLOW_<NAME>`."""
 
@@ -47,7 +68,7 @@ class Settings(BaseSettings):
     sync_timeout_seconds: float = 10.0
     limits: Limits = Limits()
 
-    enrichment_url: str = "http://127.0.0.1:8300"
+    enrichment: Enrichment = Enrichment()
 
     api_host: str = "127.0.0.1"
     api_port: int = 8000

@@ -15,6 +15,7 @@ from typing import Any
 
 from temporalio.common import RetryPolicy
 
+from activities.enrich import EnrichActivities
 from activities.resources import ResourceActivities
 from upsertflow.contracts import StepInput, StepResult
 
@@ -47,6 +48,22 @@ PIPELINE: tuple[Step, ...] = (
         start_to_close=timedelta(minutes=2),
         schedule_to_close=timedelta(hours=1),
         retry=_DATABASE_RETRY,
+    ),
+    Step(
+        "enrich",
+        EnrichActivities.enrich,
+        # Per attempt; each HTTP request has its own, shorter timeout.
+        start_to_close=timedelta(minutes=2),
+        # The overall deadline: past it the ETL fails and can be retried through the API.
+        schedule_to_close=timedelta(minutes=30),
+        # A dead worker is noticed within this, and another resumes from the last batch.
+        heartbeat=timedelta(seconds=10),
+        retry=RetryPolicy(
+            initial_interval=timedelta(seconds=1),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=30),
+            non_retryable_error_types=["EnrichmentRejected"],
+        ),
     ),
     Step(
         "load",
