@@ -19,6 +19,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from activities.enrich import EnrichActivities
+from activities.interceptor import AttemptInterceptor
 from activities.resources import ResourceActivities
 from activities.steps import StepStore
 from upsertflow import temporal
@@ -50,6 +51,7 @@ def build_worker(
             resources.load,
             resources.record_outcome,
         ],
+        interceptors=[AttemptInterceptor()],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
     )
 

@@ -10,6 +10,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from activities.interceptor import failed_attempt
     from activities.resources import ResourceActivities
     from upsertflow.contracts import (
         EtlProgress,
@@ -81,6 +82,7 @@ class UpsertWorkflow:
                 state.status = StepStatus.FAILED
                 state.finished_at = workflow.now()
                 state.error = _describe(error)
+                state.attempts = failed_attempt(error) or state.attempts
                 if not step.required:
                     continue
                 progress.error = f"step {step.name} failed: {state.error}"

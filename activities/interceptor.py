@@ -1,0 +1,62 @@
+"""A worker interceptor that tells the workflow which attempt of an activity failed.
+
+Temporal's `ActivityError` does not carry the attempt number, yet the ETL's
+step-by-step state shows it. Every failure leaving an activity is re-raised as
+an `ApplicationError` with `{"attempt": n}` as its last detail; its type,
+message, retryability and retry delay are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, CancelledError
+from temporalio.worker import (
+    ActivityInboundInterceptor,
+    ExecuteActivityInput,
+    Interceptor,
+)
+
+
+class _ReportAttempt(ActivityInboundInterceptor):
+    async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        try:
+            return await super().execute_activity(input)
+        except CancelledError:
+            raise
+        except ApplicationError as error:
+            raise ApplicationError(
+                error.message,
+                *error.details,
+                {"attempt": activity.info().attempt},
+                type=error.type,
+                non_retryable=error.non_retryable,
+                next_retry_delay=error.next_retry_delay,
+                category=error.category,
+            ) from error
+        except Exception as error:
+            raise ApplicationError(
+                str(error) or repr(error),
+                {"attempt": activity.info().attempt},
+                type=type(error).__name__,
+            ) from error
+
+
+class AttemptInterceptor(Interceptor):
+    """Add the attempt number to every activity failure."""
+
+    def intercept_activity(self, next: ActivityInboundInterceptor) -> ActivityInboundInterceptor:
+        return _ReportAttempt(next)
+
+
+def failed_attempt(error: BaseException) -> int | None:
+    """Return the attempt number an `AttemptInterceptor` attached to a failure chain."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, ApplicationError) and cause.details:
+            last = cause.details[-1]
+            if isinstance(last, dict) and isinstance(last.get("attempt"), int):
+                return int(last["attempt"])
+        cause = cause.__cause__
+    return None
