@@ -35,6 +35,7 @@ from upsertflow.contracts import (
 )
 from upsertflow.embedded import venv_binary
 from workflows import SEARCH_ATTRIBUTES
+from workflows.pipeline import PIPELINE, Step
 from workflows.upsert import UpsertWorkflow
 
 
@@ -50,31 +51,47 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
 
 @dataclass
 class Fakes:
-    """Stand-ins for the project's activities, recording what they were asked."""
+    """Stand-ins for the project's activities, recording what they were asked.
 
-    persist_fails_for: timedelta = timedelta(0)
-    normalize_behaviour: str = "ok"  # ok | hang-first | non-retryable | always-fail
+    `behaviour` says what a step's fake does: `ok`, `hang-first` (the first attempt
+    never answers), `non-retryable`, `always-fail`, or a timedelta: fail until
+    that much server time has passed since its first attempt.
+    """
+
+    behaviour: dict[str, str | timedelta] = field(default_factory=dict)
     attempts: dict[str, int] = field(default_factory=dict)
+    first_scheduled: dict[str, datetime] = field(default_factory=dict)
+    last_scheduled: dict[str, datetime] = field(default_factory=dict)
     outcomes: list[OutcomeInput] = field(default_factory=list)
-    first_scheduled: datetime | None = None
-    last_scheduled: datetime | None = None
     env: WorkflowEnvironment | None = None
 
-    def _count(self, name: str) -> int:
-        self.attempts[name] = activity.info().attempt
-        return activity.info().attempt
+    async def _act(self, name: str) -> int:
+        info = activity.info()
+        self.attempts[name] = info.attempt
+        now = info.current_attempt_scheduled_time
+        self.first_scheduled.setdefault(name, now)
+        self.last_scheduled[name] = now
+        behaviour = self.behaviour.get(name, "ok")
+        if isinstance(behaviour, timedelta):
+            if now - self.first_scheduled[name] < behaviour:
+                raise RuntimeError(f"{name}: dependency unavailable")
+        elif behaviour == "hang-first" and info.attempt == 1:
+            # Hang past every timeout: move the server's clock from inside the attempt,
+            # then never answer (the worker cancels this at shutdown).
+            assert self.env is not None
+            await self.env.sleep(timedelta(hours=1))
+            await asyncio.Event().wait()
+        elif behaviour == "non-retryable":
+            raise ApplicationError(f"{name}: data not usable", type="Invalid", non_retryable=True)
+        elif behaviour == "always-fail":
+            raise RuntimeError(f"{name}: still failing")
+        return info.attempt
 
     def activities(self) -> list[Callable[..., Any]]:
         @activity.defn(name="persist")
         async def persist(request: PersistInput) -> Persisted:
-            self._count("persist")
-            info = activity.info()
-            now = info.current_attempt_scheduled_time
-            if self.first_scheduled is None:
-                self.first_scheduled = now
-            self.last_scheduled = now
-            if now - self.first_scheduled < self.persist_fails_for:
-                raise RuntimeError("database unavailable")
+            await self._act("persist")
+            now = activity.info().current_attempt_scheduled_time
             return Persisted(
                 resource_id=request.resource_id,
                 version=1,
@@ -83,34 +100,18 @@ class Fakes:
                 updated_at=now,
             )
 
-        @activity.defn(name="normalize")
-        async def normalize(step: StepInput) -> StepResult:
-            attempt = self._count("normalize")
-            if self.normalize_behaviour == "hang-first" and attempt == 1:
-                # Hang past the timeout: move the server's clock from inside the attempt,
-                # then never answer (the worker cancels this at shutdown).
-                assert self.env is not None
-                await self.env.sleep(timedelta(minutes=3))
-                await asyncio.Event().wait()
-            if self.normalize_behaviour == "non-retryable":
-                raise ApplicationError("info is not usable", type="InvalidInfo", non_retryable=True)
-            if self.normalize_behaviour == "always-fail":
-                raise RuntimeError("still failing")
-            return StepResult(attempt=attempt, stats={"records": 3})
+        def step_fake(name: str) -> Callable[..., Any]:
+            @activity.defn(name=name)
+            async def fake(step: StepInput) -> StepResult:
+                return StepResult(attempt=await self._act(name))
 
-        @activity.defn(name="enrich")
-        async def enrich(step: StepInput) -> StepResult:
-            return StepResult(attempt=self._count("enrich"))
-
-        @activity.defn(name="load")
-        async def load(step: StepInput) -> StepResult:
-            return StepResult(attempt=self._count("load"), stats={"records": 3})
+            return fake
 
         @activity.defn(name="record_outcome")
         async def record_outcome(outcome: OutcomeInput) -> None:
             self.outcomes.append(outcome)
 
-        return [persist, normalize, enrich, load, record_outcome]
+        return [persist, *(step_fake(step.name) for step in PIPELINE), record_outcome]
 
 
 def _request() -> UpsertRequest:
@@ -165,14 +166,14 @@ def _step_duration(outcome: OutcomeInput, name: str) -> timedelta:
 async def test_persist_retries_with_backoff_for_hours_then_succeeds(
     env: WorkflowEnvironment,
 ) -> None:
-    fakes = Fakes(persist_fails_for=timedelta(hours=2))
+    fakes = Fakes(behaviour={"persist": timedelta(hours=2)})
 
     result = await _run(env, fakes)
 
     assert isinstance(result, EtlProgress), result
     assert result.status == EtlStatus.SUCCEEDED
-    assert fakes.last_scheduled is not None and fakes.first_scheduled is not None
-    assert fakes.last_scheduled - fakes.first_scheduled >= timedelta(hours=2)
+    waited = fakes.last_scheduled["persist"] - fakes.first_scheduled["persist"]
+    assert waited >= timedelta(hours=2)
     # Backoff 1 s doubling to a 1 min ceiling: 7 attempts in the first 63 s, then one a
     # minute; about 126 attempts in 2 h, not thousands.
     expected = 7 + math.ceil((7200 - 63) / 60)
@@ -180,53 +181,83 @@ async def test_persist_retries_with_backoff_for_hours_then_succeeds(
     assert fakes.outcomes[-1].status == EtlStatus.SUCCEEDED
 
 
-async def test_start_to_close_timeout_cuts_a_hanging_step_and_retries_it(
-    env: WorkflowEnvironment,
-) -> None:
-    fakes = Fakes(normalize_behaviour="hang-first")
+STEPS = [pytest.param(step, id=step.name) for step in PIPELINE]
 
-    fakes.env = env
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_step_failing_for_a_while_is_retried_then_succeeds(
+    env: WorkflowEnvironment, step: Step
+) -> None:
+    assert step.schedule_to_close is not None, f"{step.name} must have a deadline"
+    outage = step.schedule_to_close * 0.8
+    fakes = Fakes(behaviour={step.name: outage})
 
     result = await _run(env, fakes)
 
     assert isinstance(result, EtlProgress), result
     assert result.status == EtlStatus.SUCCEEDED
-    assert fakes.attempts["normalize"] == 2
-    normalize = result.steps[0]
-    assert (normalize.name, normalize.attempts) == ("normalize", 2)
-    # The first attempt was cut by normalize's 2-minute start-to-close timeout.
-    assert _step_duration(fakes.outcomes[-1], "normalize") >= timedelta(minutes=2)
+    state = next(s for s in result.steps if s.name == step.name)
+    assert state.attempts == fakes.attempts[step.name] > 1
+    assert fakes.last_scheduled[step.name] - fakes.first_scheduled[step.name] >= outage
+    # The backoff ceiling keeps attempts sparse: never more than one per maximum interval.
+    ceiling = step.retry.maximum_interval
+    assert ceiling is not None
+    assert state.attempts <= outage / ceiling + 12
 
 
-async def test_non_retryable_error_fails_the_etl_at_once(env: WorkflowEnvironment) -> None:
-    fakes = Fakes(normalize_behaviour="non-retryable")
+@pytest.mark.parametrize("step", STEPS)
+async def test_hanging_step_is_cut_by_its_timeout_and_retried(
+    env: WorkflowEnvironment, step: Step
+) -> None:
+    fakes = Fakes(behaviour={step.name: "hang-first"}, env=env)
+
+    result = await _run(env, fakes)
+
+    assert isinstance(result, EtlProgress), result
+    assert result.status == EtlStatus.SUCCEEDED
+    assert fakes.attempts[step.name] == 2
+    state = next(s for s in result.steps if s.name == step.name)
+    assert state.attempts == 2
+    # Cut by the heartbeat timeout where the step heartbeats, else by start-to-close.
+    cut_after = step.heartbeat or step.start_to_close
+    assert state.started_at is not None and state.finished_at is not None
+    assert state.finished_at - state.started_at >= cut_after
+
+
+@pytest.mark.parametrize("step", STEPS)
+async def test_non_retryable_error_fails_the_etl_at_once(
+    env: WorkflowEnvironment, step: Step
+) -> None:
+    fakes = Fakes(behaviour={step.name: "non-retryable"})
 
     result = await _run(env, fakes)
 
     assert isinstance(result, WorkflowFailureError)
     assert isinstance(result.cause, ApplicationError)
     assert result.cause.type == "EtlFailed"
-    assert "info is not usable" in str(result.cause)
-    assert fakes.attempts["normalize"] == 1
-    assert "load" not in fakes.attempts
+    assert f"step {step.name} failed" in str(result.cause)
+    assert "data not usable" in str(result.cause)
+    assert fakes.attempts[step.name] == 1
     outcome = fakes.outcomes[-1]
     assert outcome.status == EtlStatus.FAILED
-    assert [step.status for step in outcome.steps] == [
-        StepStatus.FAILED,
-        StepStatus.PENDING,
-        StepStatus.PENDING,
-    ]
-    assert outcome.error is not None and "info is not usable" in outcome.error
+    statuses = {state.name: state.status for state in outcome.steps}
+    assert statuses[step.name] == StepStatus.FAILED
+    later = [s.name for s in PIPELINE[[p.name for p in PIPELINE].index(step.name) + 1 :]]
+    assert all(statuses[name] == StepStatus.PENDING for name in later)
 
 
-async def test_step_deadline_ends_retries_and_fails_the_etl(env: WorkflowEnvironment) -> None:
-    fakes = Fakes(normalize_behaviour="always-fail")
+@pytest.mark.parametrize("step", STEPS)
+async def test_step_deadline_ends_retries_and_fails_the_etl(
+    env: WorkflowEnvironment, step: Step
+) -> None:
+    fakes = Fakes(behaviour={step.name: "always-fail"})
 
     result = await _run(env, fakes)
 
     assert isinstance(result, WorkflowFailureError)
-    assert "normalize" in str(result.cause)
-    elapsed = _step_duration(fakes.outcomes[-1], "normalize")
-    assert timedelta(minutes=59) <= elapsed <= timedelta(hours=1, minutes=1)
-    assert fakes.attempts["normalize"] > 10
+    assert f"step {step.name} failed" in str(result.cause)
     assert fakes.outcomes[-1].status == EtlStatus.FAILED
+    assert step.schedule_to_close is not None
+    elapsed = _step_duration(fakes.outcomes[-1], step.name)
+    assert step.schedule_to_close - timedelta(minutes=1) <= elapsed
+    assert elapsed <= step.schedule_to_close + timedelta(minutes=1)

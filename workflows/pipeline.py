@@ -54,8 +54,9 @@ PIPELINE: tuple[Step, ...] = (
         EnrichActivities.enrich,
         # Per attempt; each HTTP request has its own, shorter timeout.
         start_to_close=timedelta(minutes=2),
-        # The overall deadline: past it the ETL fails and can be retried through the API.
-        schedule_to_close=timedelta(minutes=30),
+        # The overall deadline: an outage of the service of up to this long is ridden out;
+        # past it the ETL fails, and can be retried through the API.
+        schedule_to_close=timedelta(hours=4),
         # A dead worker is noticed within this, and another resumes from the last batch.
         heartbeat=timedelta(seconds=10),
         retry=RetryPolicy(
