@@ -46,6 +46,7 @@ def build_worker(
         workflows=[UpsertWorkflow],
         activities=[
             resources.persist,
+            resources.claim_etl,
             resources.normalize,
             enrichment.enrich,
             resources.load,

@@ -18,6 +18,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.steps import StepStore, load_blob_json, missing_blob
 from upsertflow.contracts import (
+    ClaimInput,
     EtlStatus,
     OutcomeInput,
     Persisted,
@@ -120,6 +121,43 @@ class ResourceActivities:
             created_at=row.created_at,
             updated_at=row.updated_at,
         )
+
+    @activity.defn(name="claim_etl")
+    async def claim_etl(self, claim: ClaimInput) -> Persisted:
+        """Make this workflow the owner of the ETL of a version that is still current."""
+        info = activity.info()
+        async with self._sessions.begin() as session:
+            resource = await session.get(Resource, claim.resource_id, with_for_update=True)
+            if resource is None or resource.version != claim.version:
+                raise ApplicationError(
+                    f"resource {claim.resource_id} v{claim.version} is no longer the current "
+                    "version: nothing to retry",
+                    type="NotCurrent",
+                    non_retryable=True,
+                )
+            await session.execute(
+                update(ResourceVersion)
+                .where(
+                    ResourceVersion.resource_id == claim.resource_id,
+                    ResourceVersion.version == claim.version,
+                )
+                .values(
+                    etl_status=EtlStatus.PENDING,
+                    etl_workflow_id=info.workflow_id,
+                    etl_run_id=info.workflow_run_id,
+                    etl_steps=[],
+                    etl_error=None,
+                    etl_started_at=None,
+                    etl_finished_at=None,
+                )
+            )
+            return Persisted(
+                resource_id=resource.id,
+                version=resource.version,
+                created=False,
+                created_at=resource.created_at,
+                updated_at=resource.updated_at,
+            )
 
     @activity.defn(name="normalize")
     async def normalize(self, step: StepInput) -> StepResult:

@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from api import problems
-from api.routes import health, resources
+from api.routes import etl, health, resources
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.settings import Settings, get_settings
@@ -23,7 +23,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         engine = create_engine(settings)
         app.state.settings = settings
         app.state.sessions = create_sessionmaker(engine)
-        app.state.temporal = await temporal.connect()
+        # Lazy: the API starts while Temporal is down; /readyz says so, writes answer 503.
+        app.state.temporal = await temporal.connect(lazy=True)
         try:
             yield
         finally:
@@ -36,6 +37,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    # `/resources/{id}/etl` first: `{id:path}` of the resource routes would take it.
+    app.include_router(etl.router)
     app.include_router(resources.router)
     app.include_router(health.router)
     return app

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from upsertflow.contracts import EtlStatus
+from upsertflow.contracts import EtlStatus, StepStatus
 
 
 class ResourceUpsert(BaseModel):
@@ -52,3 +52,49 @@ class UpsertAccepted(BaseModel):
     run_id: str | None
     ui_url: str
     status: str = "accepted"
+
+
+class ResourceSummary(BaseModel):
+    id: str
+    version: int
+    updated_at: datetime
+    etl_status: EtlStatus
+
+
+class ResourceList(BaseModel):
+    items: list[ResourceSummary]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null at the end."
+    )
+
+
+class EtlStepPublic(BaseModel):
+    name: str
+    status: StepStatus
+    attempts: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    stats: dict[str, int] = Field(default_factory=dict)
+
+
+class EtlRunPublic(BaseModel):
+    """The ETL of a resource's latest version, step by step."""
+
+    resource_id: str
+    version: int
+    status: EtlStatus
+    workflow_id: str
+    run_id: str
+    ui_url: str
+    live: bool = Field(description="True when read from the running workflow.")
+    error: str | None
+    steps: list[EtlStepPublic]
+
+
+class EtlRetryAccepted(BaseModel):
+    resource_id: str
+    version: int
+    workflow_id: str
+    run_id: str | None
+    ui_url: str

@@ -41,6 +41,8 @@ class UpsertRequest(BaseModel):
     info_digest: str
     info_bytes: int = 0
     idempotency_key: str | None = None
+    #: Set by `POST /resources/{id}/etl/retry`: run the ETL again for this version, no persist.
+    retry_of_version: int | None = None
 
 
 class PersistInput(BaseModel):
@@ -48,6 +50,13 @@ class PersistInput(BaseModel):
     request_id: str
     attributes_digest: str
     info_digest: str
+
+
+class ClaimInput(BaseModel):
+    """Which version an ETL retry takes over."""
+
+    resource_id: str
+    version: int
 
 
 class Persisted(BaseModel):

@@ -93,3 +93,23 @@ class ResourceContext(Base):
     version: Mapped[int] = mapped_column(Integer)
     records: Mapped[dict[str, Any]] = mapped_column(JSONB)
     loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class IdempotencyKey(Base):
+    """A request made with an `Idempotency-Key`, and the response to replay for it."""
+
+    __tablename__ = "idempotency_keys"
+
+    #: The client's key, scoped by the request's method and path.
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    scope: Mapped[str] = mapped_column(Text, primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(Text)
+    request_id: Mapped[str] = mapped_column(Text)
+    #: Null while the first request is in flight.
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    response_headers: Mapped[dict[str, str] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: An in-flight claim older than this may be taken over (its API process died).
+    locked_until: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)

@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     temporal_ui_url: str = "http://localhost:8233"
 
     sync_timeout_seconds: float = 10.0
+    idempotency_ttl_seconds: int = 24 * 3600
     limits: Limits = Limits()
 
     enrichment: Enrichment = Enrichment()

@@ -13,6 +13,7 @@ with workflow.unsafe.imports_passed_through():
     from activities.interceptor import failed_attempt
     from activities.resources import ResourceActivities
     from upsertflow.contracts import (
+        ClaimInput,
         EtlProgress,
         EtlStatus,
         OutcomeInput,
@@ -126,27 +127,45 @@ class UpsertWorkflow:
         return self._progress
 
     async def _persist(self, request: UpsertRequest) -> Persisted:
-        workflow.set_current_details(f"Persisting resource `{request.resource_id}`")
+        """Persist the upsert, or take over the ETL of an existing version (a retry)."""
         try:
-            persisted = await workflow.execute_activity_method(
-                ResourceActivities.persist,
-                PersistInput(
-                    resource_id=request.resource_id,
-                    request_id=request.request_id,
-                    attributes_digest=request.attributes_digest,
-                    info_digest=request.info_digest,
-                ),
-                start_to_close_timeout=timedelta(seconds=30),
-                schedule_to_close_timeout=_PERSIST_DEADLINE,
-                retry_policy=_PERSIST_RETRY,
-                summary=f"persist {request.resource_id}",
-            )
-        except ActivityError as error:
-            self._persist_error = _describe(error)
-            self._progress.status = EtlStatus.FAILED
+            if request.retry_of_version is not None:
+                workflow.set_current_details(
+                    f"Retrying the ETL of resource `{request.resource_id}` "
+                    f"v{request.retry_of_version}"
+                )
+                persisted = await workflow.execute_activity_method(
+                    ResourceActivities.claim_etl,
+                    ClaimInput(resource_id=request.resource_id, version=request.retry_of_version),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=_PERSIST_DEADLINE,
+                    retry_policy=_PERSIST_RETRY,
+                    summary=f"claim ETL {request.resource_id} v{request.retry_of_version}",
+                )
+            else:
+                workflow.set_current_details(f"Persisting resource `{request.resource_id}`")
+                persisted = await workflow.execute_activity_method(
+                    ResourceActivities.persist,
+                    PersistInput(
+                        resource_id=request.resource_id,
+                        request_id=request.request_id,
+                        attributes_digest=request.attributes_digest,
+                        info_digest=request.info_digest,
+                    ),
+                    start_to_close_timeout=timedelta(seconds=30),
+                    schedule_to_close_timeout=_PERSIST_DEADLINE,
+                    retry_policy=_PERSIST_RETRY,
+                    summary=f"persist {request.resource_id}",
+                )
+        except (ActivityError, asyncio.CancelledError) as error:
+            cancelled = isinstance(error, asyncio.CancelledError)
+            self._persist_error = "cancelled" if cancelled else _describe(error)  # type: ignore[arg-type]
+            self._progress.status = EtlStatus.CANCELLED if cancelled else EtlStatus.FAILED
             self._progress.error = f"persist failed: {self._persist_error}"
             # Let the waiting `persisted` update answer before the workflow closes.
             await workflow.wait_condition(workflow.all_handlers_finished)
+            if cancelled:
+                raise
             raise ApplicationError(
                 self._progress.error, type="PersistFailed", non_retryable=True
             ) from None

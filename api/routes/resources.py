@@ -1,97 +1,48 @@
-"""`/resources`: upsert a resource, read it back with its ETL state."""
+"""`/resources`: upsert, read, list and delete resources."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import hashlib
 import logging
-import re
 import uuid
-from typing import Annotated, Any
-from urllib.parse import quote
+from datetime import timedelta
+from typing import Annotated
 
-from fastapi import APIRouter, Header, Path, Request
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
-from temporalio.client import (
-    Client,
-    WithStartWorkflowOperation,
-    WorkflowUpdateFailedError,
-)
-from temporalio.common import (
-    SearchAttributePair,
-    TypedSearchAttributes,
-    WorkflowIDConflictPolicy,
-    WorkflowIDReusePolicy,
-)
+from sqlalchemy import delete, exists, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
 
-from api.body import Document, check_content_type, parse_upsert_body, read_limited
-from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.body import check_content_type, parse_upsert_body, read_limited
+from api.deps import SessionDep, SessionsDep, SettingsDep, TemporalDep
+from api.idempotency import REPLAY_HEADER, Claim, check_key, claim_key, release_key, store_response
+from api.paths import ResourceIdPath, check_id
 from api.problems import Problem, problem_responses
-from api.schemas import EtlRef, ResourcePublic, ResourceUpsert, UpsertAccepted
-from upsertflow.contracts import EtlStatus, Persisted, UpsertRequest
+from api.schemas import (
+    EtlRef,
+    ResourceList,
+    ResourcePublic,
+    ResourceSummary,
+    ResourceUpsert,
+    UpsertAccepted,
+)
+from api.upserts import start_upsert, store_documents, temporal_unavailable, ui_url
+from upsertflow.contracts import EtlStatus
 from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.settings import Settings
-from workflows import RESOURCE_ID, upsert_workflow_id
-from workflows.upsert import UpsertWorkflow
 
 log = logging.getLogger("upsertflow.api")
 
 router = APIRouter(prefix="/resources", tags=["resources"])
 
-_ID_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,128}")
-_RETRY_AFTER_SECONDS = "5"
-
-ResourceIdPath = Annotated[
-    str,
-    Path(
-        alias="resource_id",
-        description="1–128 characters of `[A-Za-z0-9._~-]`, not `.` or `..`.",
-        examples=["r1"],
-    ),
-]
-
-
-def _check_id(resource_id: str) -> str:
-    if not _ID_PATTERN.fullmatch(resource_id) or resource_id in (".", ".."):
-        raise Problem(
-            422,
-            "invalid-id",
-            "Invalid resource id",
-            "a resource id is 1–128 characters of A–Z, a–z, 0–9, '.', '_', '~' and '-' "
-            f"(and not '.' or '..'); got {resource_id[:140]!r}",
-            errors=[{"field": "path.resource_id", "message": "invalid resource id"}],
-        )
-    return resource_id
-
-
-def ui_url(settings: Settings, namespace: str, workflow_id: str, run_id: str | None) -> str:
-    """Return the Temporal Web UI page of a workflow run."""
-    base = settings.temporal_ui_url.rstrip("/")
-    url = f"{base}/namespaces/{quote(namespace, safe='')}/workflows/{quote(workflow_id, safe='')}"
-    return f"{url}/{run_id}/history" if run_id else url
-
-
-def _temporal_unavailable(error: Exception) -> Problem:
-    return Problem(
-        503,
-        "temporal-unavailable",
-        "Temporal is unavailable",
-        f"the upsert was not accepted; try again: {error}",
-        headers={"Retry-After": _RETRY_AFTER_SECONDS},
-    )
-
-
-async def _store_documents(session: AsyncSession, *documents: Document) -> None:
-    """Store documents by content address; an identical document is stored once."""
-    rows = [
-        {"digest": d.digest, "body": d.body, "size_bytes": len(d.body)}
-        for d in {d.digest: d for d in documents}.values()
-    ]
-    await session.execute(pg_insert(Blob).values(rows).on_conflict_do_nothing())
-    await session.commit()
+_IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
+#: How long DELETE waits for cancelled workflows to record that they ended.
+_CANCEL_WAIT_SECONDS = 10
 
 
 @router.put(
@@ -107,7 +58,7 @@ async def _store_documents(session: AsyncSession, *documents: Document) -> None:
             "model": UpsertAccepted,
             "description": "Accepted: persisted and processed durably in the background.",
         },
-        **problem_responses(400, 413, 415, 422, 503),
+        **problem_responses(400, 409, 413, 415, 422, 503),
     },
     openapi_extra={
         "requestBody": {
@@ -119,11 +70,15 @@ async def _store_documents(session: AsyncSession, *documents: Document) -> None:
 async def upsert_resource(
     resource_id: ResourceIdPath,
     request: Request,
-    session: SessionDep,
+    sessions: SessionsDep,
     client: TemporalDep,
     settings: SettingsDep,
     prefer: Annotated[
         str | None, Header(description="`respond-async` answers 202 at once.")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(description="Makes repeats of this request safe: they replay the first answer."),
     ] = None,
 ) -> JSONResponse:
     """Persist a new version of the resource, then run its ETL durably.
@@ -132,112 +87,116 @@ async def upsert_resource(
     `200`; with `Prefer: respond-async`, or when persisting takes longer than the
     sync timeout, answers `202` with `Location`. The work is durable either way.
     """
-    _check_id(resource_id)
+    check_id(resource_id)
     check_content_type(request)
+    if idempotency_key is not None:
+        check_key(idempotency_key)
     raw = await read_limited(request, settings.limits.max_body_bytes)
     body = await asyncio.to_thread(parse_upsert_body, raw, settings.limits)
+    respond_async = prefer is not None and "respond-async" in prefer.lower()
     request_id = uuid.uuid4().hex
-    workflow_id = upsert_workflow_id(resource_id, request_id)
-    await _store_documents(session, body.attributes, body.info)
-    upsert = UpsertRequest(
-        resource_id=resource_id,
-        request_id=request_id,
-        attributes_digest=body.attributes.digest,
-        info_digest=body.info.digest,
-        info_bytes=len(body.info.body),
-    )
-    start: dict[str, Any] = {
-        "id": workflow_id,
-        "task_queue": settings.task_queue,
-        "id_conflict_policy": WorkflowIDConflictPolicy.USE_EXISTING,
-        "id_reuse_policy": WorkflowIDReusePolicy.REJECT_DUPLICATE,
-        "search_attributes": TypedSearchAttributes([SearchAttributePair(RESOURCE_ID, resource_id)]),
-        "static_summary": f"Upsert {resource_id}",
-        "static_details": f"Request `{request_id}`, info {len(body.info.body)} bytes",
-    }
-    log.info(
-        "upsert accepted",
-        extra={"resource_id": resource_id, "request_id": request_id, "workflow_id": workflow_id},
-    )
-    headers = {"X-Request-ID": request_id, "Location": f"/resources/{resource_id}"}
-    if prefer is not None and "respond-async" in prefer.lower():
-        return await _accepted(client, settings, upsert, start, headers)
-    operation = WithStartWorkflowOperation(UpsertWorkflow.run, upsert, **start)
-    try:
-        async with asyncio.timeout(settings.sync_timeout_seconds):
-            persisted = await client.execute_update_with_start_workflow(
-                UpsertWorkflow.persisted, start_workflow_operation=operation, id=request_id
+    scope = f"PUT /resources/{resource_id}"
+    if idempotency_key is not None:
+        fingerprint = hashlib.sha256(
+            f"{body.attributes.digest}:{body.info.digest}".encode()
+        ).hexdigest()
+        state = await claim_key(
+            sessions,
+            idempotency_key,
+            scope,
+            fingerprint,
+            ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
+            lock_for=timedelta(seconds=settings.sync_timeout_seconds + 30),
+        )
+        if state.claim is Claim.REPLAY:
+            assert state.status_code is not None and state.body is not None
+            return JSONResponse(
+                state.body,
+                status_code=state.status_code,
+                headers={**(state.headers or {}), REPLAY_HEADER: "true"},
             )
-    except TimeoutError:
-        return await _accepted(client, settings, upsert, start, headers)
-    except WorkflowUpdateFailedError as error:
-        cause = error.cause
-        raise Problem(
-            422,
-            "persist-failed",
-            "The resource could not be persisted",
-            str(getattr(cause, "message", cause)),
-        ) from None
-    except RPCError as error:
-        raise _temporal_unavailable(error) from None
-    handle = await operation.workflow_handle()
-    run_id = handle.result_run_id or ""
-    representation = _representation(
-        settings, client, persisted, body.attributes.value, workflow_id, run_id
-    )
-    return JSONResponse(
-        representation.model_dump(mode="json"),
-        status_code=201 if persisted.created else 200,
-        headers=headers,
-    )
-
-
-async def _accepted(
-    client: Client,
-    settings: Settings,
-    upsert: UpsertRequest,
-    start: dict[str, Any],
-    headers: dict[str, str],
-) -> JSONResponse:
-    """Make sure the workflow exists (idempotently, by id) and answer 202."""
+        request_id = state.request_id
     try:
-        handle = await client.start_workflow(UpsertWorkflow.run, upsert, **start)
-    except RPCError as error:
-        raise _temporal_unavailable(error) from None
-    accepted = UpsertAccepted(
-        id=upsert.resource_id,
-        request_id=upsert.request_id,
-        workflow_id=handle.id,
-        run_id=handle.result_run_id,
-        ui_url=ui_url(settings, client.namespace, handle.id, handle.result_run_id),
-    )
-    return JSONResponse(accepted.model_dump(mode="json"), status_code=202, headers=headers)
+        await store_documents(sessions, body.attributes, body.info)
+        answer = await start_upsert(
+            client,
+            sessions,
+            settings,
+            resource_id,
+            body,
+            request_id,
+            respond_async,
+            idempotency_key,
+        )
+    except BaseException:
+        if idempotency_key is not None:
+            await release_key(sessions, idempotency_key, scope)
+        raise
+    if idempotency_key is not None:
+        await store_response(
+            sessions, idempotency_key, scope, answer.status_code, answer.body, answer.headers
+        )
+    return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
 
 
-def _representation(
-    settings: Settings,
-    client: Client,
-    persisted: Persisted,
-    attributes: dict[str, Any],
-    workflow_id: str,
-    run_id: str,
-) -> ResourcePublic:
-    return ResourcePublic(
-        id=persisted.resource_id,
-        version=persisted.version,
-        attributes=attributes,
-        created_at=persisted.created_at,
-        updated_at=persisted.updated_at,
-        context=None,
-        context_version=None,
-        etl=EtlRef(
-            status=EtlStatus.PENDING,
-            version=persisted.version,
-            workflow_id=workflow_id,
-            run_id=run_id,
-            ui_url=ui_url(settings, client.namespace, workflow_id, run_id),
-        ),
+@router.get(
+    "",
+    operation_id="listResources",
+    summary="List resources, page by page",
+    response_model=ResourceList,
+    responses=problem_responses(400, 422),
+)
+async def list_resources(
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=100, description="Page size.")] = 20,
+    cursor: Annotated[str | None, Query(description="`next_cursor` of the previous page.")] = None,
+    etl_status: Annotated[
+        EtlStatus | None, Query(description="Only resources whose latest ETL has this status.")
+    ] = None,
+) -> ResourceList:
+    """Return resources in id order; follow `next_cursor` for the next page.
+
+    Pages are keyed by id, so resources created while paging never shift them.
+    """
+    query = (
+        select(Resource.id, Resource.version, Resource.updated_at, ResourceVersion.etl_status)
+        .join(
+            ResourceVersion,
+            (ResourceVersion.resource_id == Resource.id)
+            & (ResourceVersion.version == Resource.version),
+        )
+        .order_by(Resource.id)
+        .limit(limit + 1)
     )
+    if cursor is not None:
+        query = query.where(Resource.id > _decode_cursor(cursor))
+    if etl_status is not None:
+        query = query.where(ResourceVersion.etl_status == etl_status)
+    rows = (await session.execute(query)).all()
+    items = [
+        ResourceSummary(
+            id=row.id,
+            version=row.version,
+            updated_at=row.updated_at,
+            etl_status=EtlStatus(row.etl_status),
+        )
+        for row in rows[:limit]
+    ]
+    more = len(rows) > limit
+    return ResourceList(items=items, next_cursor=_encode_cursor(items[-1].id) if more else None)
+
+
+def _encode_cursor(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise Problem(
+            400, "invalid-cursor", "Invalid cursor", "use the `next_cursor` of a previous page"
+        ) from None
 
 
 @router.get(
@@ -254,7 +213,13 @@ async def get_resource(
     settings: SettingsDep,
 ) -> ResourcePublic:
     """Return the resource's latest version, its context and the state of its ETL."""
-    _check_id(resource_id)
+    check_id(resource_id)
+    return await load_resource(session, client, settings, resource_id)
+
+
+async def load_resource(
+    session: AsyncSession, client: Client, settings: Settings, resource_id: str
+) -> ResourcePublic:
     row = (
         await session.execute(
             select(Resource, ResourceVersion, ResourceContext)
@@ -268,7 +233,7 @@ async def get_resource(
         )
     ).one_or_none()
     if row is None:
-        raise Problem(404, "not-found", "Resource not found", f"no resource {resource_id!r}")
+        raise not_found(resource_id)
     resource, version, context = row
     return ResourcePublic(
         id=resource.id,
@@ -287,3 +252,84 @@ async def get_resource(
             error=version.etl_error,
         ),
     )
+
+
+def not_found(resource_id: str) -> Problem:
+    return Problem(404, "not-found", "Resource not found", f"no resource {resource_id!r}")
+
+
+@router.delete(
+    "/{resource_id:path}",
+    operation_id="deleteResource",
+    summary="Cancel a resource's work and delete it",
+    status_code=204,
+    response_class=Response,
+    responses=problem_responses(404, 422, 503),
+)
+async def delete_resource(
+    resource_id: ResourceIdPath, sessions: SessionsDep, client: TemporalDep
+) -> Response:
+    """Cancel the resource's running workflows, then delete it, its context and stored info."""
+    check_id(resource_id)
+    async with sessions() as session:
+        if await session.get(Resource, resource_id) is None:
+            raise not_found(resource_id)
+    try:
+        await _cancel_running(client, sessions, resource_id)
+    except RPCError as error:
+        raise temporal_unavailable(error) from None
+    async with sessions.begin() as session:
+        digests = (
+            await session.scalars(
+                select(ResourceVersion.blob_digest).where(
+                    ResourceVersion.resource_id == resource_id
+                )
+            )
+        ).all()
+        await session.execute(delete(Resource).where(Resource.id == resource_id))
+        await session.execute(
+            delete(Blob).where(
+                Blob.digest.in_(set(digests)),
+                ~exists().where(ResourceVersion.blob_digest == Blob.digest),
+            )
+        )
+    log.info("resource deleted", extra={"resource_id": resource_id})
+    return Response(status_code=204)
+
+
+async def _cancel_running(
+    client: Client, sessions: async_sessionmaker[AsyncSession], resource_id: str
+) -> None:
+    """Cancel every running workflow of the resource and wait until they have ended."""
+    async with sessions() as session:
+        recorded = set(
+            (
+                await session.scalars(
+                    select(ResourceVersion.etl_workflow_id).where(
+                        ResourceVersion.resource_id == resource_id,
+                        ResourceVersion.etl_status.in_(_IN_FLIGHT),
+                    )
+                )
+            ).all()
+        )
+    # Workflows that have not persisted yet are only known to Temporal.
+    running = {
+        execution.id
+        async for execution in client.list_workflows(
+            f'ResourceId="{resource_id}" AND ExecutionStatus="Running"'
+        )
+    }
+    handles = [client.get_workflow_handle(workflow_id) for workflow_id in recorded | running]
+    for handle in handles:
+        try:
+            await handle.cancel()
+        except RPCError:
+            pass  # it ended in the meantime
+    for handle in handles:
+        try:
+            async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
+                await handle.result()
+        except TimeoutError:
+            log.warning("workflow %s is still cancelling", handle.id)
+        except (WorkflowFailureError, RPCError):
+            pass  # ended cancelled (or failed): what we waited for

@@ -1,0 +1,35 @@
+"""The resource id in paths: what it may be, checked once for every route."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from fastapi import Path
+
+from api.problems import Problem
+
+ID_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,128}")
+
+ResourceIdPath = Annotated[
+    str,
+    Path(
+        alias="resource_id",
+        description="1–128 characters of `[A-Za-z0-9._~-]`, not `.` or `..`.",
+        examples=["r1"],
+    ),
+]
+
+
+def check_id(resource_id: str) -> str:
+    """Refuse ids that are not 1–128 unreserved URL characters (or are `.`/`..`)."""
+    if not ID_PATTERN.fullmatch(resource_id) or resource_id in (".", ".."):
+        raise Problem(
+            422,
+            "invalid-id",
+            "Invalid resource id",
+            "a resource id is 1–128 characters of A–Z, a–z, 0–9, '.', '_', '~' and '-' "
+            f"(and not '.' or '..'); got {resource_id[:140]!r}",
+            errors=[{"field": "path.resource_id", "message": "invalid resource id"}],
+        )
+    return resource_id

@@ -1,0 +1,182 @@
+"""`/resources/{id}/etl`: the ETL of the latest version, live; and running it again."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from temporalio.client import Client
+from temporalio.common import (
+    SearchAttributePair,
+    TypedSearchAttributes,
+    WorkflowIDConflictPolicy,
+    WorkflowIDReusePolicy,
+)
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError
+
+from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.paths import ResourceIdPath, check_id
+from api.problems import Problem, problem_responses
+from api.routes.resources import not_found
+from api.schemas import EtlRetryAccepted, EtlRunPublic, EtlStepPublic
+from api.upserts import temporal_unavailable, ui_url
+from upsertflow.contracts import EtlStatus, StepState, StepStatus, UpsertRequest
+from upsertflow.models import Resource, ResourceVersion
+from workflows import RESOURCE_ID
+from workflows.pipeline import PIPELINE
+from workflows.upsert import UpsertWorkflow
+
+router = APIRouter(prefix="/resources", tags=["etl"])
+
+_LIVE_TIMEOUT_SECONDS = 2.0
+_IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
+
+
+async def _current_version(session: AsyncSession, resource_id: str) -> ResourceVersion:
+    version = await session.scalar(
+        select(ResourceVersion)
+        .join(
+            Resource,
+            (Resource.id == ResourceVersion.resource_id)
+            & (Resource.version == ResourceVersion.version),
+        )
+        .where(Resource.id == resource_id)
+    )
+    if version is None:
+        raise not_found(resource_id)
+    return version
+
+
+@router.get(
+    "/{resource_id:path}/etl",
+    operation_id="getResourceEtl",
+    summary="The ETL of the latest version, step by step",
+    response_model=EtlRunPublic,
+    responses=problem_responses(404, 422),
+)
+async def get_etl(
+    resource_id: ResourceIdPath, session: SessionDep, client: TemporalDep, settings: SettingsDep
+) -> EtlRunPublic:
+    """Each step's status, attempts, times and last error; live while the ETL runs."""
+    check_id(resource_id)
+    version = await _current_version(session, resource_id)
+    status = EtlStatus(version.etl_status)
+    error = version.etl_error
+    steps = [StepState.model_validate(step) for step in version.etl_steps] or [
+        StepState(name=step.name) for step in PIPELINE
+    ]
+    live = False
+    if status in _IN_FLIGHT:
+        progress = await _live_progress(client, version.etl_workflow_id, version.etl_run_id)
+        if progress is not None:
+            steps, live = progress, True
+    return EtlRunPublic(
+        resource_id=resource_id,
+        version=version.version,
+        status=status,
+        workflow_id=version.etl_workflow_id,
+        run_id=version.etl_run_id,
+        ui_url=ui_url(settings, client.namespace, version.etl_workflow_id, version.etl_run_id),
+        live=live,
+        error=error,
+        steps=[EtlStepPublic.model_validate(step.model_dump()) for step in steps],
+    )
+
+
+async def _live_progress(client: Client, workflow_id: str, run_id: str) -> list[StepState] | None:
+    """Ask the running workflow for its steps; add attempts of the activity in progress."""
+    handle = client.get_workflow_handle_for(UpsertWorkflow.run, workflow_id, run_id=run_id)
+    try:
+        async with asyncio.timeout(_LIVE_TIMEOUT_SECONDS):
+            progress = await handle.query(UpsertWorkflow.progress)
+            description = await handle.describe()
+    except (TimeoutError, RPCError):
+        return None  # no worker answered, or it just ended: the database has the rest
+    pending: dict[str, Any] = {
+        activity.activity_type.name: activity
+        for activity in description.raw_description.pending_activities
+    }
+    for step in progress.steps:
+        activity = pending.get(step.name)
+        if activity is not None and step.status == StepStatus.RUNNING:
+            step.attempts = activity.attempt
+            if activity.HasField("last_failure"):
+                step.error = activity.last_failure.message
+    return progress.steps
+
+
+@router.post(
+    "/{resource_id:path}/etl/retry",
+    operation_id="retryResourceEtl",
+    summary="Run the ETL of the current version again",
+    status_code=202,
+    response_model=EtlRetryAccepted,
+    responses=problem_responses(404, 409, 422, 503),
+)
+async def retry_etl(
+    resource_id: ResourceIdPath, session: SessionDep, client: TemporalDep, settings: SettingsDep
+) -> JSONResponse:
+    """Start a new ETL run over the current version (after a failure, or a fixed dependency)."""
+    check_id(resource_id)
+    version = await _current_version(session, resource_id)
+    if version.etl_status in _IN_FLIGHT:
+        raise Problem(
+            409,
+            "etl-running",
+            "The ETL is running",
+            f"the ETL of {resource_id} v{version.version} is {version.etl_status}; "
+            "retry it once it has ended",
+        )
+    # One retry per ended run: concurrent retries of the same failure start one workflow.
+    previous = hashlib.sha256(version.etl_run_id.encode()).hexdigest()[:12]
+    workflow_id = f"etl-retry:{resource_id}:v{version.version}:{previous}"
+    request = UpsertRequest(
+        resource_id=resource_id,
+        request_id=uuid.uuid4().hex,
+        attributes_digest="",
+        info_digest=version.blob_digest,
+        retry_of_version=version.version,
+    )
+    try:
+        handle = await client.start_workflow(
+            UpsertWorkflow.run,
+            request,
+            id=workflow_id,
+            task_queue=settings.task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            search_attributes=TypedSearchAttributes(
+                [SearchAttributePair(RESOURCE_ID, resource_id)]
+            ),
+            static_summary=f"Retry ETL {resource_id} v{version.version}",
+            static_details=f"After run `{version.etl_run_id}` ended {version.etl_status}",
+        )
+    except WorkflowAlreadyStartedError:
+        raise Problem(
+            409,
+            "etl-already-retried",
+            "This ETL run was already retried",
+            f"the ETL of {resource_id} v{version.version} was retried already; "
+            "see GET /resources/{id}/etl",
+        ) from None
+    except RPCError as error:
+        raise temporal_unavailable(error) from None
+    accepted = EtlRetryAccepted(
+        resource_id=resource_id,
+        version=version.version,
+        workflow_id=handle.id,
+        run_id=handle.result_run_id,
+        ui_url=ui_url(settings, client.namespace, handle.id, handle.result_run_id),
+    )
+    return JSONResponse(
+        accepted.model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": f"/resources/{resource_id}/etl"},
+    )
