@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Sequence
 from datetime import timedelta
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import Worker
+from temporalio.worker import Interceptor, Worker
 
 from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
@@ -24,6 +25,7 @@ from activities.resources import ResourceActivities
 from activities.steps import StepStore
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
+from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
 from upsertflow.settings import Settings, get_settings
 from workflows.upsert import UpsertWorkflow
@@ -36,6 +38,7 @@ def build_worker(
     settings: Settings,
     sessions: async_sessionmaker[AsyncSession],
     http: httpx.AsyncClient,
+    interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
     """Return a worker for upsertflow's workflows and activities on the configured task queue."""
     resources = ResourceActivities(sessions)
@@ -52,7 +55,7 @@ def build_worker(
             resources.load,
             resources.record_outcome,
         ],
-        interceptors=[AttemptInterceptor()],
+        interceptors=[AttemptInterceptor(), *interceptors],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
     )
 
@@ -78,17 +81,26 @@ async def run(settings: Settings) -> None:
     client = await temporal.connect(runtime=runtime)
     engine = create_engine(settings)
     http = enrichment_client(settings)
-    worker = build_worker(client, settings, create_sessionmaker(engine), http)
+    sessions = create_sessionmaker(engine)
+    worker = build_worker(client, settings, sessions, http)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    janitor = asyncio.create_task(
+        run_periodically(
+            sessions,
+            claim_ttl=timedelta(seconds=settings.claim_ttl_seconds),
+            interval=timedelta(seconds=settings.janitor_interval_seconds),
+        )
+    )
     try:
         async with worker:
             log.info("worker started", extra={"task_queue": settings.task_queue})
             await stop.wait()
             log.info("worker stopping: finishing running activities")
     finally:
+        janitor.cancel()
         await http.aclose()
         await engine.dispose()
     log.info("worker stopped")

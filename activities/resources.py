@@ -26,7 +26,14 @@ from upsertflow.contracts import (
     StepInput,
     StepResult,
 )
-from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion, StepOutput
+from upsertflow.models import (
+    Blob,
+    BlobClaim,
+    Resource,
+    ResourceContext,
+    ResourceVersion,
+    StepOutput,
+)
 from upsertflow.normalize import normalize_info
 
 #: PostgreSQL error classes that retrying cannot fix: data exceptions (22) and
@@ -101,6 +108,10 @@ class ResourceActivities:
                 .returning(Resource.version, Resource.created_at, Resource.updated_at)
             )
             row = (await session.execute(upsert)).one()
+            # The version refers to the info from now on: the request's claim is done.
+            await session.execute(
+                delete(BlobClaim).where(BlobClaim.request_id == request.request_id)
+            )
             session.add(
                 ResourceVersion(
                     resource_id=request.resource_id,

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import (
@@ -29,7 +29,7 @@ from api.body import Document, UpsertBody
 from api.problems import Problem
 from api.schemas import EtlRef, ResourcePublic, UpsertAccepted
 from upsertflow.contracts import EtlStatus, Persisted, UpsertRequest
-from upsertflow.models import Blob, Resource, ResourceVersion
+from upsertflow.models import Blob, BlobClaim, Resource, ResourceVersion
 from upsertflow.settings import Settings
 from workflows import RESOURCE_ID, upsert_workflow_id
 from workflows.upsert import UpsertWorkflow
@@ -65,30 +65,29 @@ class Answer:
     headers: dict[str, str]
 
 
-async def store_documents(sessions: async_sessionmaker[AsyncSession], *docs: Document) -> None:
-    """Store documents by content address (once each); refresh the age of known ones."""
+async def store_documents(
+    sessions: async_sessionmaker[AsyncSession], request_id: str, *docs: Document
+) -> None:
+    """Store documents by content address (once each), claimed by the request until it persists.
+
+    Nothing else refers to them yet: the claim keeps the janitor away. Should the
+    workflow never start (the API died, Temporal was down), the claim expires and
+    the janitor collects documents nobody refers to.
+    """
+    unique = {d.digest: d for d in docs}
     rows = [
-        {"digest": d.digest, "body": d.body, "size_bytes": len(d.body)}
-        for d in {d.digest: d for d in docs}.values()
+        {"digest": d.digest, "body": d.body, "size_bytes": len(d.body)} for d in unique.values()
     ]
-    statement = pg_insert(Blob).values(rows)
+    claims = [{"request_id": request_id, "digest": digest} for digest in unique]
     async with sessions.begin() as session:
+        statement = pg_insert(Blob).values(rows)
+        # Storing known content again renews it, so no collection can take it meanwhile.
         await session.execute(
             statement.on_conflict_do_update(
-                index_elements=[Blob.digest], set_={"created_at": statement.excluded.created_at}
+                index_elements=[Blob.digest], set_={"created_at": func.now()}
             )
         )
-
-
-async def forget_documents(sessions: async_sessionmaker[AsyncSession], *digests: str) -> None:
-    """Delete documents that no version refers to (after a request that did not go through)."""
-    async with sessions.begin() as session:
-        await session.execute(
-            delete(Blob).where(
-                Blob.digest.in_(digests),
-                ~exists().where(ResourceVersion.blob_digest == Blob.digest),
-            )
-        )
+        await session.execute(pg_insert(BlobClaim).values(claims).on_conflict_do_nothing())
 
 
 async def start_upsert(
@@ -154,7 +153,6 @@ async def start_upsert(
             str(getattr(error.cause, "message", error.cause)),
         ) from None
     except RPCError as error:
-        await forget_documents(sessions, body.attributes.digest, body.info.digest)
         raise temporal_unavailable(error) from None
     resource = ResourcePublic(
         id=persisted.resource_id,

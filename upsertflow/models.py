@@ -29,6 +29,23 @@ class Blob(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
+class BlobClaim(Base):
+    """A request's hold on the documents it stored, until its `persist` takes them over.
+
+    It keeps the janitor from collecting a document between the API storing it
+    and the workflow persisting it; a claim that no workflow ever picked up (the
+    API died in between) expires and its documents are collected.
+    """
+
+    __tablename__ = "blob_claims"
+
+    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    digest: Mapped[str] = mapped_column(
+        Text, ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Resource(Base):
     """The current state of a resource: its latest persisted version."""
 

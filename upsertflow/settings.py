@@ -75,6 +75,9 @@ class Settings(BaseSettings):
     api_port: int = 8000
     worker_metrics_port: int = 0
     worker_graceful_shutdown_seconds: float = 30.0
+    #: Stored documents that no workflow picked up are collected after this.
+    claim_ttl_seconds: int = 48 * 3600
+    janitor_interval_seconds: int = 600
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 

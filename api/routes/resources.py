@@ -13,7 +13,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowFailureError
 from temporalio.service import RPCError
@@ -33,6 +33,7 @@ from api.schemas import (
 )
 from api.upserts import start_upsert, store_documents, temporal_unavailable, ui_url
 from upsertflow.contracts import EtlStatus
+from upsertflow.janitor import unreferenced_blobs
 from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.settings import Settings
 
@@ -117,7 +118,7 @@ async def upsert_resource(
             )
         request_id = state.request_id
     try:
-        await store_documents(sessions, body.attributes, body.info)
+        await store_documents(sessions, request_id, body.attributes, body.info)
         answer = await start_upsert(
             client,
             sessions,
@@ -287,10 +288,10 @@ async def delete_resource(
             )
         ).all()
         await session.execute(delete(Resource).where(Resource.id == resource_id))
+        # Its stored info goes too, unless another resource refers to the same content.
         await session.execute(
-            delete(Blob).where(
-                Blob.digest.in_(set(digests)),
-                ~exists().where(ResourceVersion.blob_digest == Blob.digest),
+            unreferenced_blobs(
+                delete(Blob).where(Blob.digest.in_(set(digests))), timedelta(minutes=1)
             )
         )
     log.info("resource deleted", extra={"resource_id": resource_id})
