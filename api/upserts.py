@@ -15,6 +15,7 @@ from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
     WorkflowUpdateFailedError,
+    WorkflowUpdateRPCTimeoutOrCancelledError,
 )
 from temporalio.common import (
     SearchAttributePair,
@@ -23,7 +24,6 @@ from temporalio.common import (
     WorkflowIDReusePolicy,
 )
 from temporalio.exceptions import WorkflowAlreadyStartedError
-from temporalio.service import RPCError
 
 from api.body import Document, UpsertBody
 from api.problems import Problem
@@ -31,6 +31,7 @@ from api.schemas import EtlRef, ResourcePublic, UpsertAccepted
 from upsertflow.contracts import EtlStatus, Persisted, UpsertRequest
 from upsertflow.models import Blob, BlobClaim, Resource, ResourceVersion
 from upsertflow.settings import Settings
+from upsertflow.temporal import UNREACHABLE
 from workflows import RESOURCE_ID, upsert_workflow_id
 from workflows.upsert import UpsertWorkflow
 
@@ -137,7 +138,8 @@ async def start_upsert(
                 UpsertWorkflow.persisted, start_workflow_operation=operation, id=request_id
             )
         run_id = (await operation.workflow_handle()).result_run_id or ""
-    except TimeoutError:
+    except (TimeoutError, WorkflowUpdateRPCTimeoutOrCancelledError):
+        # Not persisted within the sync timeout (the SDK reports the cancelled wait its way).
         return await _accepted(client, settings, upsert, start, headers)
     except WorkflowAlreadyStartedError:
         # The request's workflow already closed (a resumed Idempotency-Key): it persisted.
@@ -152,7 +154,7 @@ async def start_upsert(
             "The resource could not be persisted",
             str(getattr(error.cause, "message", error.cause)),
         ) from None
-    except RPCError as error:
+    except UNREACHABLE as error:
         raise temporal_unavailable(error) from None
     resource = ResourcePublic(
         id=persisted.resource_id,
@@ -186,7 +188,7 @@ async def _accepted(
         run_id = handle.result_run_id
     except WorkflowAlreadyStartedError:
         run_id = None  # it ran already: the work is done or under way
-    except RPCError as error:
+    except UNREACHABLE as error:
         raise temporal_unavailable(error) from None
     accepted = UpsertAccepted(
         id=upsert.resource_id,

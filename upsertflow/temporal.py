@@ -9,8 +9,13 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from temporalio.runtime import Runtime
+from temporalio.service import RPCError
 
 DEFAULT_ADDRESS = "localhost:7233"
+
+#: What a call raises when Temporal cannot be reached: an RPC error, or — for a lazy
+#: client that has not connected yet — the SDK's RuntimeError("Failed client connect").
+UNREACHABLE: tuple[type[Exception], ...] = (RPCError, RuntimeError)
 
 
 def connect_config(env: Mapping[str, str] | None = None) -> ClientConnectConfig:

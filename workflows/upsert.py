@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
     from activities.interceptor import failed_attempt
@@ -80,6 +80,11 @@ class UpsertWorkflow:
                     summary=f"{step.name} {request.resource_id} v{persisted.version}",
                 )
             except ActivityError as error:
+                if _is_cancellation(error):
+                    state.status = StepStatus.SKIPPED
+                    progress.error = "cancelled"
+                    await self._finish(EtlStatus.CANCELLED)
+                    raise asyncio.CancelledError() from None
                 state.status = StepStatus.FAILED
                 state.finished_at = workflow.now()
                 state.error = _describe(error)
@@ -158,14 +163,14 @@ class UpsertWorkflow:
                     summary=f"persist {request.resource_id}",
                 )
         except (ActivityError, asyncio.CancelledError) as error:
-            cancelled = isinstance(error, asyncio.CancelledError)
+            cancelled = isinstance(error, asyncio.CancelledError) or _is_cancellation(error)
             self._persist_error = "cancelled" if cancelled else _describe(error)  # type: ignore[arg-type]
             self._progress.status = EtlStatus.CANCELLED if cancelled else EtlStatus.FAILED
             self._progress.error = f"persist failed: {self._persist_error}"
             # Let the waiting `persisted` update answer before the workflow closes.
             await workflow.wait_condition(workflow.all_handlers_finished)
             if cancelled:
-                raise
+                raise asyncio.CancelledError() from None
             raise ApplicationError(
                 self._progress.error, type="PersistFailed", non_retryable=True
             ) from None
@@ -206,6 +211,11 @@ class UpsertWorkflow:
             retry_policy=_PERSIST_RETRY,
             summary=f"record {status.value} {self._request.resource_id} v{self._progress.version}",
         )
+
+
+def _is_cancellation(error: ActivityError) -> bool:
+    """Whether the activity ended because the workflow was cancelled."""
+    return isinstance(error.cause, CancelledError)
 
 
 def _describe(error: ActivityError) -> str:

@@ -29,6 +29,7 @@ from api.schemas import EtlRetryAccepted, EtlRunPublic, EtlStepPublic
 from api.upserts import temporal_unavailable, ui_url
 from upsertflow.contracts import EtlStatus, StepState, StepStatus, UpsertRequest
 from upsertflow.models import Resource, ResourceVersion
+from upsertflow.temporal import UNREACHABLE
 from workflows import RESOURCE_ID
 from workflows.pipeline import PIPELINE
 from workflows.upsert import UpsertWorkflow
@@ -166,7 +167,7 @@ async def retry_etl(
             f"the ETL of {resource_id} v{version.version} was retried already; "
             "see GET /resources/{id}/etl",
         ) from None
-    except RPCError as error:
+    except UNREACHABLE as error:
         raise temporal_unavailable(error) from None
     accepted = EtlRetryAccepted(
         resource_id=resource_id,

@@ -36,6 +36,7 @@ from upsertflow.contracts import EtlStatus
 from upsertflow.janitor import unreferenced_blobs
 from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.settings import Settings
+from upsertflow.temporal import UNREACHABLE
 
 log = logging.getLogger("upsertflow.api")
 
@@ -193,7 +194,8 @@ def _encode_cursor(last_id: str) -> str:
 
 def _decode_cursor(cursor: str) -> str:
     try:
-        return base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        padded = cursor + "=" * (-len(cursor) % 4)
+        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise Problem(
             400, "invalid-cursor", "Invalid cursor", "use the `next_cursor` of a previous page"
@@ -277,7 +279,7 @@ async def delete_resource(
             raise not_found(resource_id)
     try:
         await _cancel_running(client, sessions, resource_id)
-    except RPCError as error:
+    except UNREACHABLE as error:
         raise temporal_unavailable(error) from None
     async with sessions.begin() as session:
         digests = (
