@@ -100,15 +100,18 @@ class EnrichActivities:
                 timeout=self._config.request_timeout_seconds,
             )
         except httpx.TimeoutException as error:
+            _count_call("timeout")
             raise ApplicationError(
                 f"the enrichment service did not answer within "
                 f"{self._config.request_timeout_seconds} s",
                 type="EnrichmentTimeout",
             ) from error
         except httpx.TransportError as error:
+            _count_call("unreachable")
             raise ApplicationError(
                 f"the enrichment service is unreachable: {error!r}", type="EnrichmentUnavailable"
             ) from error
+        _count_call(str(response.status_code))
         if response.status_code >= 400:
             raise _failure(response)
         merged: dict[str, Any] = {}
@@ -116,6 +119,13 @@ class EnrichActivities:
             for field, value in result.get("fields", {}).items():
                 merged[f"{result['key']}.{field}"] = value
         return merged
+
+
+def _count_call(outcome: str) -> None:
+    """Count a call to the enrichment service in the worker's metrics, by status."""
+    activity.metric_meter().create_counter(
+        "upsertflow_enrichment_requests", "Calls to the enrichment service, by HTTP status."
+    ).add(1, {"status": outcome})
 
 
 def _failure(response: httpx.Response) -> ApplicationError:

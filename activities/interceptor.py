@@ -1,15 +1,18 @@
-"""A worker interceptor that tells the workflow which attempt of an activity failed.
+"""A worker interceptor for every activity: its ids in every log line, its attempt on failure.
 
-Temporal's `ActivityError` does not carry the attempt number, yet the ETL's
-step-by-step state shows it. Every failure leaving an activity is re-raised as
-an `ApplicationError` with `{"attempt": n}` as its last detail; its type,
-message, retryability and retry delay are kept.
+- While an activity runs, the workflow id, run id, activity, attempt and resource
+  id are bound to the log context, so every line it logs carries them.
+- Temporal's `ActivityError` does not carry the attempt number, yet the ETL's
+  step-by-step state shows it: every failure leaving an activity is re-raised as
+  an `ApplicationError` with `{"attempt": n}` as its last detail; its type,
+  message, retryability and retry delay are kept.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import structlog
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.worker import (
@@ -21,6 +24,18 @@ from temporalio.worker import (
 
 class _ReportAttempt(ActivityInboundInterceptor):
     async def execute_activity(self, input: ExecuteActivityInput) -> Any:
+        info = activity.info()
+        resource_id = getattr(input.args[0], "resource_id", None) if input.args else None
+        with structlog.contextvars.bound_contextvars(
+            workflow_id=info.workflow_id,
+            run_id=info.workflow_run_id,
+            activity=info.activity_type,
+            attempt=info.attempt,
+            resource_id=resource_id,
+        ):
+            return await self._execute(input)
+
+    async def _execute(self, input: ExecuteActivityInput) -> Any:
         try:
             return await super().execute_activity(input)
         except CancelledError:

@@ -7,6 +7,7 @@ crash, a timeout or a lost completion, and the database must end the same.
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, func, select, update
@@ -35,6 +36,8 @@ from upsertflow.models import (
     StepOutput,
 )
 from upsertflow.normalize import normalize_info
+
+log = logging.getLogger("upsertflow.activities")
 
 #: PostgreSQL error classes that retrying cannot fix: data exceptions (22) and
 #: integrity violations (23) other than the unique races handled below.
@@ -125,6 +128,7 @@ class ResourceActivities:
                     etl_steps=[],
                 )
             )
+        log.info("persisted %s v%d", request.resource_id, row.version)
         return Persisted(
             resource_id=request.resource_id,
             version=row.version,

@@ -6,8 +6,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from prometheus_client import make_asgi_app
 
 from api import problems
+from api.observability import ObservabilityMiddleware
 from api.routes import etl, health, resources
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
@@ -37,6 +39,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(ObservabilityMiddleware)
+    app.mount("/metrics", make_asgi_app())
     # `/resources/{id}/etl` first: `{id:path}` of the resource routes would take it.
     app.include_router(etl.router)
     app.include_router(resources.router)

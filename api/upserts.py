@@ -26,6 +26,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from api.body import Document, UpsertBody
+from api.observability import WORKFLOWS_STARTED, correlation_id
 from api.problems import Problem
 from api.schemas import EtlRef, ResourcePublic, UpsertAccepted
 from upsertflow.contracts import EtlStatus, Persisted, UpsertRequest
@@ -110,8 +111,12 @@ async def start_upsert(
         info_digest=body.info.digest,
         info_bytes=len(body.info.body),
         idempotency_key=idempotency_key,
+        correlation_id=correlation_id.get() or None,
     )
-    details = f"Request `{request_id}`, info {len(body.info.body)} bytes"
+    details = (
+        f"Request `{request_id}`, correlation id `{upsert.correlation_id}`, "
+        f"info {len(body.info.body)} bytes"
+    )
     if idempotency_key:
         details += f", Idempotency-Key `{idempotency_key[:80]}`"
     start: dict[str, Any] = {
@@ -129,6 +134,7 @@ async def start_upsert(
         "upsert",
         extra={"resource_id": resource_id, "request_id": request_id, "workflow_id": workflow_id},
     )
+    WORKFLOWS_STARTED.labels("upsert").inc()
     if respond_async:
         return await _accepted(client, settings, upsert, start, headers)
     operation = WithStartWorkflowOperation(UpsertWorkflow.run, upsert, **start)

@@ -41,6 +41,8 @@ class UpsertRequest(BaseModel):
     info_digest: str
     info_bytes: int = 0
     idempotency_key: str | None = None
+    #: The API request's correlation id (`X-Correlation-ID`), for following it into logs.
+    correlation_id: str | None = None
     #: Set by `POST /resources/{id}/etl/retry`: run the ETL again for this version, no persist.
     retry_of_version: int | None = None
 

@@ -30,14 +30,14 @@ def _flatten_temporal_context(
     return event
 
 
-def configure_logging(settings: Settings) -> None:
-    """Route all logging through one structlog formatter on stderr."""
+def build_formatter(log_format: str) -> logging.Formatter:
+    """A formatter rendering records, with their context, as JSON lines or readable text."""
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
-        if settings.log_format == "json"
+        if log_format == "json"
         else structlog.dev.ConsoleRenderer(colors=False)
     )
-    formatter = structlog.stdlib.ProcessorFormatter(
+    return structlog.stdlib.ProcessorFormatter(
         foreign_pre_chain=[
             structlog.contextvars.merge_contextvars,
             structlog.stdlib.add_log_level,
@@ -51,8 +51,12 @@ def configure_logging(settings: Settings) -> None:
             renderer,
         ],
     )
+
+
+def configure_logging(settings: Settings) -> None:
+    """Route all logging through one structlog formatter on stderr."""
     handler = logging.StreamHandler()
-    handler.setFormatter(formatter)
+    handler.setFormatter(build_formatter(settings.log_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())

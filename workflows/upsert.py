@@ -89,6 +89,7 @@ class UpsertWorkflow:
                 state.finished_at = workflow.now()
                 state.error = _describe(error)
                 state.attempts = failed_attempt(error) or state.attempts
+                self._record_step(state, "failed")
                 if not step.required:
                     continue
                 progress.error = f"step {step.name} failed: {state.error}"
@@ -103,6 +104,7 @@ class UpsertWorkflow:
                 raise
             state.finished_at = workflow.now()
             state.attempts = result.attempt
+            self._record_step(state, "superseded" if result.superseded else "succeeded")
             state.stats = result.stats
             if result.superseded:
                 state.status = StepStatus.SKIPPED
@@ -177,6 +179,22 @@ class UpsertWorkflow:
         self._persisted = persisted
         return persisted
 
+    def _record_step(self, state: StepState, outcome: str) -> None:
+        """Step duration and outcome in the worker's metrics (not re-emitted on replay)."""
+        assert state.started_at is not None and state.finished_at is not None
+        workflow.metric_meter().create_histogram_timedelta(
+            "upsertflow_etl_step_duration",
+            "Time an ETL step took, all attempts included, by step and outcome.",
+            unit="ms",
+        ).record(state.finished_at - state.started_at, {"step": state.name, "outcome": outcome})
+        workflow.logger.info(
+            "step %s %s after %d attempt(s)",
+            state.name,
+            outcome,
+            state.attempts,
+            extra={"resource_id": self._request.resource_id, "step": state.name},
+        )
+
     def _set_status(self, status: EtlStatus) -> None:
         self._progress.status = status
         assert self._progress.version is not None
@@ -189,8 +207,11 @@ class UpsertWorkflow:
         )
 
     async def _finish(self, status: EtlStatus) -> None:
-        """Record the outcome in PostgreSQL and in the search attributes."""
+        """Record the outcome in PostgreSQL, the search attributes and the metrics."""
         self._set_status(status)
+        workflow.metric_meter().create_counter(
+            "upsertflow_etl_runs", "ETL runs that ended, by outcome."
+        ).add(1, {"outcome": status.value})
         assert self._progress.version is not None
         workflow.set_current_details(
             f"ETL of resource `{self._request.resource_id}` v{self._progress.version}: "

@@ -22,6 +22,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
 from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.observability import WORKFLOWS_STARTED, correlation_id
 from api.paths import ResourceIdPath, check_id
 from api.problems import Problem, problem_responses
 from api.routes.resources import not_found
@@ -144,7 +145,9 @@ async def retry_etl(
         attributes_digest="",
         info_digest=version.blob_digest,
         retry_of_version=version.version,
+        correlation_id=correlation_id.get() or None,
     )
+    WORKFLOWS_STARTED.labels("etl_retry").inc()
     try:
         handle = await client.start_workflow(
             UpsertWorkflow.run,

@@ -1,0 +1,91 @@
+"""Request metrics (Prometheus, at `/metrics`) and a correlation id on every request.
+
+Each request gets a correlation id — the client's `X-Correlation-ID` if it sent a
+usable one, a new one otherwise — returned in the response's `X-Correlation-ID`,
+bound to every log line written while handling the request, and passed into the
+workflows the request starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+from contextvars import ContextVar
+
+import structlog
+from prometheus_client import Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+CORRELATION_HEADER = "X-Correlation-ID"
+_USABLE_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
+
+log = logging.getLogger("upsertflow.api.access")
+
+correlation_id: ContextVar[str] = ContextVar("correlation_id", default="")
+
+REQUESTS = Counter(
+    "upsertflow_http_requests_total",
+    "HTTP requests answered, by route template and status.",
+    ["method", "route", "status"],
+)
+LATENCY = Histogram(
+    "upsertflow_http_request_duration_seconds",
+    "Time to answer an HTTP request, by route template.",
+    ["method", "route"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+WORKFLOWS_STARTED = Counter(
+    "upsertflow_workflows_started_total",
+    "Workflows the API started (or joined), by kind.",
+    ["kind"],
+)
+
+
+class ObservabilityMiddleware:
+    """Count and time requests by route; give each one a correlation id."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = (
+            dict(scope["headers"]).get(CORRELATION_HEADER.lower().encode(), b"").decode("latin-1")
+        )
+        cid = incoming if _USABLE_ID.fullmatch(incoming) else uuid.uuid4().hex
+        token = correlation_id.set(cid)
+        status = 500
+        started = time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (CORRELATION_HEADER.lower().encode(), cid.encode()),
+                ]
+            await send(message)
+
+        with structlog.contextvars.bound_contextvars(correlation_id=cid):
+            try:
+                await self.app(scope, receive, send_with_id)
+            finally:
+                elapsed = time.perf_counter() - started
+                route = scope.get("route")
+                template = getattr(route, "path", "unmatched")
+                method = scope["method"]
+                REQUESTS.labels(method, template, str(status)).inc()
+                LATENCY.labels(method, template).observe(elapsed)
+                log.info(
+                    "%s %s %s",
+                    method,
+                    scope["path"],
+                    status,
+                    extra={"status": status, "duration_ms": round(elapsed * 1000, 1)},
+                )
+                correlation_id.reset(token)
