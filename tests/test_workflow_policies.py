@@ -64,6 +64,8 @@ class Fakes:
     last_scheduled: dict[str, datetime] = field(default_factory=dict)
     outcomes: list[OutcomeInput] = field(default_factory=list)
     env: WorkflowEnvironment | None = None
+    #: How far a hanging attempt moves the clock: just past the timeout that should cut it.
+    hang_for: timedelta = timedelta(minutes=3)
 
     async def _act(self, name: str) -> int:
         info = activity.info()
@@ -79,7 +81,7 @@ class Fakes:
             # Hang past every timeout: move the server's clock from inside the attempt,
             # then never answer (the worker cancels this at shutdown).
             assert self.env is not None
-            await self.env.sleep(timedelta(hours=1))
+            await self.env.sleep(self.hang_for)
             await asyncio.Event().wait()
         elif behaviour == "non-retryable":
             raise ApplicationError(f"{name}: data not usable", type="Invalid", non_retryable=True)
@@ -209,7 +211,11 @@ async def test_step_failing_for_a_while_is_retried_then_succeeds(
 async def test_hanging_step_is_cut_by_its_timeout_and_retried(
     env: WorkflowEnvironment, step: Step
 ) -> None:
-    fakes = Fakes(behaviour={step.name: "hang-first"}, env=env)
+    # Cut by the heartbeat timeout where the step heartbeats, else by start-to-close.
+    cut_after = step.heartbeat or step.start_to_close
+    fakes = Fakes(
+        behaviour={step.name: "hang-first"}, env=env, hang_for=cut_after + timedelta(seconds=5)
+    )
 
     result = await _run(env, fakes)
 
@@ -218,8 +224,6 @@ async def test_hanging_step_is_cut_by_its_timeout_and_retried(
     assert fakes.attempts[step.name] == 2
     state = next(s for s in result.steps if s.name == step.name)
     assert state.attempts == 2
-    # Cut by the heartbeat timeout where the step heartbeats, else by start-to-close.
-    cut_after = step.heartbeat or step.start_to_close
     assert state.started_at is not None and state.finished_at is not None
     assert state.finished_at - state.started_at >= cut_after
 
