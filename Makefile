@@ -25,6 +25,9 @@ dev: $(STAMP) ## Run the whole stack (PostgreSQL, Temporal, enrichment, worker, 
 test: $(STAMP) ## Run the whole test suite offline on the embedded components
 	$(BIN)/python -m pytest
 
+record-histories: $(STAMP) ## Record workflow histories of real runs for the replay tests (tests/histories)
+	$(BIN)/python -m pytest tests/histories/record.py -q
+
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,4 +40,4 @@ format: $(STAMP) ## Format the code
 clean-data: ## Delete the embedded servers' data (.data/)
 	rm -rf .data
 
-.PHONY: help install dev test lint format clean-data
+.PHONY: help install dev test record-histories lint format clean-data
