@@ -186,3 +186,24 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     # Each value was enriched exactly once: the second attempt did not redo batches 1 and 2.
     assert stats["by_key"] == {code: 1 for code in ["FR", "DE", "IT", "ES", "PT", "NL"]}
     assert stats["by_status"] == {"200": 3, "503": 1}
+
+
+async def test_half_the_enrichment_requests_failing_still_ends_succeeded(
+    api: httpx.AsyncClient,
+    worker: Worker,
+    enrichment: httpx.AsyncClient,
+    resource_id: str,
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    # Seed 7 makes the first two requests fail: the step is retried, visibly.
+    await enrichment.put("/_faults", json={"error_rate": 0.5, "error_status": 503, "seed": 7})
+
+    await api.put(f"/resources/{resource_id}", json=PERSON)
+    done = await wait_for_etl(api, resource_id, version=1, within=60)
+
+    assert done["etl"]["status"] == "succeeded"
+    assert done["context"]["contact.country.country_name"] == "France"
+    stats = (await enrichment.get("/_stats")).json()
+    assert stats["by_status"]["200"] == 1
+    etl = await _steps(sessions, resource_id)
+    assert etl["enrich"]["attempts"] == stats["requests"] > 1
