@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import DateTime, ForeignKey, ForeignKeyConstraint, Index, Integer, LargeBinary, Text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
-from sqlalchemy.sql import func
+from sqlalchemy.sql import ColumnElement, func
 
 
 class Base(DeclarativeBase):
@@ -79,6 +79,13 @@ class ResourceVersion(Base):
     etl_error: Mapped[str | None] = mapped_column(Text)
     etl_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     etl_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+def is_current_version() -> ColumnElement[bool]:
+    """Join condition: the version row of a resource's latest version."""
+    return (ResourceVersion.resource_id == Resource.id) & (
+        ResourceVersion.version == Resource.version
+    )
 
 
 class StepOutput(Base):

@@ -29,7 +29,7 @@ from api.routes.resources import not_found
 from api.schemas import EtlRetryAccepted, EtlRunPublic, EtlStepPublic
 from api.upserts import temporal_unavailable, ui_url
 from upsertflow.contracts import EtlStatus, StepState, StepStatus, UpsertRequest
-from upsertflow.models import Resource, ResourceVersion
+from upsertflow.models import Resource, ResourceVersion, is_current_version
 from upsertflow.temporal import UNREACHABLE
 from workflows import RESOURCE_ID
 from workflows.pipeline import PIPELINE
@@ -44,11 +44,7 @@ _IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
 async def _current_version(session: AsyncSession, resource_id: str) -> ResourceVersion:
     version = await session.scalar(
         select(ResourceVersion)
-        .join(
-            Resource,
-            (Resource.id == ResourceVersion.resource_id)
-            & (Resource.version == ResourceVersion.version),
-        )
+        .join(Resource, is_current_version())
         .where(Resource.id == resource_id)
     )
     if version is None:

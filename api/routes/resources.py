@@ -34,7 +34,7 @@ from api.schemas import (
 from api.upserts import start_upsert, store_documents, temporal_unavailable, ui_url
 from upsertflow.contracts import EtlStatus
 from upsertflow.janitor import unreferenced_blobs
-from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
+from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion, is_current_version
 from upsertflow.settings import Settings
 from upsertflow.temporal import UNREACHABLE
 
@@ -162,11 +162,7 @@ async def list_resources(
     """
     query = (
         select(Resource.id, Resource.version, Resource.updated_at, ResourceVersion.etl_status)
-        .join(
-            ResourceVersion,
-            (ResourceVersion.resource_id == Resource.id)
-            & (ResourceVersion.version == Resource.version),
-        )
+        .join(ResourceVersion, is_current_version())
         .order_by(Resource.id)
         .limit(limit + 1)
     )
@@ -226,11 +222,7 @@ async def load_resource(
     row = (
         await session.execute(
             select(Resource, ResourceVersion, ResourceContext)
-            .join(
-                ResourceVersion,
-                (ResourceVersion.resource_id == Resource.id)
-                & (ResourceVersion.version == Resource.version),
-            )
+            .join(ResourceVersion, is_current_version())
             .outerjoin(ResourceContext, ResourceContext.resource_id == Resource.id)
             .where(Resource.id == resource_id)
         )
