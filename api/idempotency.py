@@ -15,7 +15,6 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -39,7 +38,7 @@ class KeyState:
     claim: Claim
     request_id: str
     status_code: int | None = None
-    body: dict[str, Any] | None = None
+    body: bytes | None = None
     headers: dict[str, str] | None = None
 
 
@@ -130,7 +129,7 @@ async def store_response(
     key: str,
     scope: str,
     status_code: int,
-    body: dict[str, Any],
+    body: bytes,
     headers: dict[str, str],
 ) -> None:
     """Keep the response, to replay it for repeats of the request."""

@@ -131,7 +131,8 @@ class IdempotencyKey(Base):
     request_id: Mapped[str] = mapped_column(Text)
     #: Null while the first request is in flight.
     status_code: Mapped[int | None] = mapped_column(Integer)
-    response_body: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    #: The response body as it was sent, replayed byte for byte.
+    response_body: Mapped[bytes | None] = mapped_column(LargeBinary)
     response_headers: Mapped[dict[str, str] | None] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: An in-flight claim older than this may be taken over (its API process died).

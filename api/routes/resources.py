@@ -82,7 +82,7 @@ async def upsert_resource(
         str | None,
         Header(description="Makes repeats of this request safe: they replay the first answer."),
     ] = None,
-) -> JSONResponse:
+) -> Response:
     """Persist a new version of the resource, then run its ETL durably.
 
     Waits until the version is persisted (not for the ETL) and answers `201` or
@@ -112,10 +112,11 @@ async def upsert_resource(
         )
         if state.claim is Claim.REPLAY:
             assert state.status_code is not None and state.body is not None
-            return JSONResponse(
+            return Response(
                 state.body,
                 status_code=state.status_code,
                 headers={**(state.headers or {}), REPLAY_HEADER: "true"},
+                media_type="application/json",
             )
         request_id = state.request_id
     try:
@@ -134,11 +135,17 @@ async def upsert_resource(
         if idempotency_key is not None:
             await release_key(sessions, idempotency_key, scope)
         raise
+    response = JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
     if idempotency_key is not None:
         await store_response(
-            sessions, idempotency_key, scope, answer.status_code, answer.body, answer.headers
+            sessions,
+            idempotency_key,
+            scope,
+            answer.status_code,
+            bytes(response.body),
+            answer.headers,
         )
-    return JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
+    return response
 
 
 @router.get(
