@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from urllib.parse import unquote
 
 from fastapi import FastAPI
 from prometheus_client import make_asgi_app
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import problems
 from api.observability import ObservabilityMiddleware
@@ -14,6 +16,24 @@ from api.routes import etl, health, resources
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.settings import Settings, get_settings
+
+
+class KeepEncodedSlashes:
+    """Route with `%2F` kept encoded, so that an id never holds a `/`.
+
+    Starlette routes on the decoded path: `/resources/r1%2Fetl` would reach the ETL
+    view of `r1`. Kept encoded, it reaches the resource routes and is a 422.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw_path = scope.get("raw_path")
+        if scope["type"] == "http" and raw_path and b"%2f" in raw_path.lower():
+            path = raw_path.decode("ascii", "replace").replace("%2f", "%2F")
+            scope = {**scope, "path": unquote(path.replace("%2F", "%252F"))}
+        await self.app(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -39,6 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     problems.install(app)
+    app.add_middleware(KeepEncodedSlashes)
     app.add_middleware(ObservabilityMiddleware)
     app.mount("/metrics", make_asgi_app())
     # `/resources/{id}/etl` first: `{id:path}` of the resource routes would take it.

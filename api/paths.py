@@ -6,8 +6,27 @@ import re
 from typing import Annotated
 
 from fastapi import Path
+from starlette.convertors import Convertor, register_url_convertor
 
 from api.problems import Problem
+
+
+class _AnyText(Convertor[str]):
+    """Whatever stands in the id's place, newlines included, so that `check_id` judges it.
+
+    Starlette's `path` convertor stops at a newline: `a%0Ab` would match no route (404).
+    """
+
+    regex = "(?s:.*)"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("resource_id", _AnyText())
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._~-]{1,128}")
 

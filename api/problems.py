@@ -63,10 +63,14 @@ def problem_response(problem: Problem) -> JSONResponse:
     )
 
 
+_PROBLEM_SCHEMA = {"schema": {"$ref": "#/components/schemas/ProblemDetail"}}
+
+
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses` entries for the problem statuses an operation can return."""
     return {
-        status: {"model": ProblemDetail, "content": {PROBLEM_MEDIA_TYPE: {}}} for status in statuses
+        status: {"model": ProblemDetail, "content": {PROBLEM_MEDIA_TYPE: _PROBLEM_SCHEMA}}
+        for status in statuses
     }
 
 

@@ -48,7 +48,7 @@ async def test_api_metrics_count_requests_by_route_and_workflows_started(
 
     after = _samples((await api.get("/metrics/")).text)
     assert created.status_code == 201
-    route = "/resources/{resource_id:path}"
+    route = "/resources/{resource_id:resource_id}"
     for method, status in (("PUT", "201"), ("GET", "200"), ("GET", "404")):
         name = "upsertflow_http_requests_total"
         labels = {"method": method, "route": route, "status": status}

@@ -53,7 +53,7 @@ async def _current_version(session: AsyncSession, resource_id: str) -> ResourceV
 
 
 @router.get(
-    "/{resource_id:path}/etl",
+    "/{resource_id:resource_id}/etl",
     operation_id="getResourceEtl",
     summary="The ETL of the latest version, step by step",
     response_model=EtlRunPublic,
@@ -111,7 +111,7 @@ async def _live_progress(client: Client, workflow_id: str, run_id: str) -> list[
 
 
 @router.post(
-    "/{resource_id:path}/etl/retry",
+    "/{resource_id:resource_id}/etl/retry",
     operation_id="retryResourceEtl",
     summary="Run the ETL of the current version again",
     status_code=202,

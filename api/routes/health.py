@@ -6,6 +6,7 @@ import asyncio
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy import text
 
 from api.deps import SessionDep, TemporalDep
@@ -21,10 +22,16 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
+class Readiness(BaseModel):
+    status: str
+    checks: dict[str, str]
+
+
 @router.get(
     "/readyz",
     operation_id="readyz",
-    responses={503: {"description": "PostgreSQL or Temporal is unreachable"}},
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "PostgreSQL or Temporal is unreachable"}},
 )
 async def readyz(session: SessionDep, client: TemporalDep) -> JSONResponse:
     """PostgreSQL and Temporal are reachable."""

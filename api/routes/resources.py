@@ -48,7 +48,7 @@ _CANCEL_WAIT_SECONDS = 10
 
 
 @router.put(
-    "/{resource_id:path}",
+    "/{resource_id:resource_id}",
     operation_id="upsertResource",
     summary="Create or update a resource",
     status_code=201,
@@ -206,7 +206,7 @@ def _decode_cursor(cursor: str) -> str:
 
 
 @router.get(
-    "/{resource_id:path}",
+    "/{resource_id:resource_id}",
     operation_id="getResource",
     summary="Read a resource with its context and ETL state",
     response_model=ResourcePublic,
@@ -261,7 +261,7 @@ def not_found(resource_id: str) -> Problem:
 
 
 @router.delete(
-    "/{resource_id:path}",
+    "/{resource_id:resource_id}",
     operation_id="deleteResource",
     summary="Cancel a resource's work and delete it",
     status_code=204,
