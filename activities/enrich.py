@@ -3,9 +3,10 @@
 Records are selected by the enrichment rules (a path pattern and a kind each),
 sent in batches, and each answer's fields are merged as `{path}.{field}`
 (`address.country` = "FR" gains `address.country.country_name` = "France").
-After every batch the activity stores its answers and heartbeats the number of
-batches done, so a retried attempt — after a crash, a timeout or a 5xx — resumes
-with the next batch instead of starting over. A 4xx answer cannot succeed on
+After every batch the activity stores its answers with the number of batches
+done (a checkpoint in PostgreSQL) and heartbeats that number, so a retried
+attempt — after a crash, a timeout or a 5xx — resumes with the next batch
+instead of starting over. A 4xx answer cannot succeed on
 retry: it fails the step at once with the service's message.
 """
 
@@ -69,16 +70,17 @@ class EnrichActivities:
         items = select_items(records, self._rules)
         size = self._config.batch_size
         batches = [items[i : i + size] for i in range(0, len(items), size)]
-        done = int(info.heartbeat_details[0]) if info.heartbeat_details else 0
-        resumed = done
+        # Resume after the last batch whose answers were stored. Heartbeats say the same,
+        # but the SDK throttles them: a worker killed between two may not have sent the last.
         checkpoint = f"{step.step}.partial"
-        merged: dict[str, Any] = {}
-        if done:
-            merged = await self._store.read(step, checkpoint) or {}
+        saved = await self._store.read(step, checkpoint) or {}
+        done = int(saved.get("batches", 0))
+        merged: dict[str, Any] = dict(saved.get("fields", {}))
+        resumed = done
         for index in range(done, len(batches)):
             activity.heartbeat(index)
             merged.update(await self._call(batches[index]))
-            await self._store.write(step, merged, name=checkpoint)
+            await self._store.write(step, {"batches": index + 1, "fields": merged}, name=checkpoint)
             activity.heartbeat(index + 1)
         await self._store.write(step, {**records, **merged})
         return StepResult(

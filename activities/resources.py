@@ -166,6 +166,13 @@ class ResourceActivities:
                     etl_finished_at=None,
                 )
             )
+            # A new run starts from scratch: no checkpoint of the last one is resumed.
+            await session.execute(
+                delete(StepOutput).where(
+                    StepOutput.resource_id == claim.resource_id,
+                    StepOutput.version == claim.version,
+                )
+            )
             return Persisted(
                 resource_id=resource.id,
                 version=resource.version,

@@ -4,9 +4,11 @@ a Temporal dev server, workers on a fresh task queue per test, the ASGI app."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -48,15 +50,22 @@ def migrate(database_url: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A PostgreSQL server of the suite's own, migrated to head."""
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg") / "data", delete_on_stop=True)
-    url = server.start()
+def database_url() -> Iterator[str]:
+    """A PostgreSQL server of the suite's own, migrated to head.
+
+    Its data lives in a folder of its own under /tmp, not pytest's: run as root, the
+    server runs as another user who must enter every parent folder, and pytest makes
+    its own base folder private again at the start of every session.
+    """
+    parent = Path(tempfile.mkdtemp(prefix="upsertflow-test-pg-"))
+    server = EmbeddedPostgres(parent / "data", delete_on_stop=True)
     try:
+        url = server.start()
         migrate(url)
         yield url
     finally:
         server.stop()
+        shutil.rmtree(parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
