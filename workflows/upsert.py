@@ -79,8 +79,8 @@ class UpsertWorkflow:
                     retry_policy=step.retry,
                     summary=f"{step.name} {request.resource_id} v{persisted.version}",
                 )
-            except ActivityError as error:
-                if _is_cancellation(error):
+            except (ActivityError, asyncio.CancelledError) as error:
+                if not isinstance(error, ActivityError) or _is_cancellation(error):
                     state.status = StepStatus.SKIPPED
                     progress.error = "cancelled"
                     await self._finish(EtlStatus.CANCELLED)
@@ -97,11 +97,6 @@ class UpsertWorkflow:
                 raise ApplicationError(
                     progress.error, type="EtlFailed", non_retryable=True
                 ) from None
-            except asyncio.CancelledError:
-                state.status = StepStatus.SKIPPED
-                progress.error = "cancelled"
-                await self._finish(EtlStatus.CANCELLED)
-                raise
             state.finished_at = workflow.now()
             state.attempts = result.attempt
             self._record_step(state, "superseded" if result.superseded else "succeeded")
@@ -165,8 +160,11 @@ class UpsertWorkflow:
                     summary=f"persist {request.resource_id}",
                 )
         except (ActivityError, asyncio.CancelledError) as error:
-            cancelled = isinstance(error, asyncio.CancelledError) or _is_cancellation(error)
-            self._persist_error = "cancelled" if cancelled else _describe(error)  # type: ignore[arg-type]
+            failure = error if isinstance(error, ActivityError) else None
+            cancelled = failure is None or _is_cancellation(failure)
+            self._persist_error = (
+                "cancelled" if failure is None or cancelled else _describe(failure)
+            )
             self._progress.status = EtlStatus.CANCELLED if cancelled else EtlStatus.FAILED
             self._progress.error = f"persist failed: {self._persist_error}"
             # Let the waiting `persisted` update answer before the workflow closes.
