@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -141,13 +141,19 @@ async def store_response(
         )
 
 
-async def release_key(sessions: async_sessionmaker[AsyncSession], key: str, scope: str) -> None:
-    """Forget a key whose request failed before doing anything, so it can be repeated."""
+async def unlock_key(sessions: async_sessionmaker[AsyncSession], key: str, scope: str) -> None:
+    """Let a repeat take over a request that failed without an answer to keep.
+
+    The key is not forgotten: the repeat goes on with the same request id, and so
+    the same workflow, whatever the failed attempt had already started.
+    """
     async with sessions.begin() as session:
         await session.execute(
-            delete(IdempotencyKey).where(
+            update(IdempotencyKey)
+            .where(
                 IdempotencyKey.key == key,
                 IdempotencyKey.scope == scope,
                 IdempotencyKey.status_code.is_(None),
             )
+            .values(locked_until=func.now())
         )

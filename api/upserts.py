@@ -148,10 +148,16 @@ async def start_upsert(
         # Not persisted within the sync timeout (the SDK reports the cancelled wait its way).
         return await _accepted(client, settings, upsert, start, headers)
     except WorkflowAlreadyStartedError:
-        # The request's workflow already closed (a resumed Idempotency-Key): it persisted.
+        # The request's workflow already closed (a resumed Idempotency-Key).
         found = await persisted_by_request(sessions, request_id)
         if found is None:
-            raise
+            raise Problem(
+                422,
+                "persist-failed",
+                "The resource could not be persisted",
+                f"the workflow {workflow_id} of this request ended without persisting it; "
+                "see its history",
+            ) from None
         persisted, run_id = found
     except WorkflowUpdateFailedError as error:
         raise Problem(

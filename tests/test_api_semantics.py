@@ -449,3 +449,24 @@ async def test_temporal_unreachable_is_503_with_retry_after(
     ready = await unreachable_api.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["checks"]["database"] == "ok"
+
+
+async def test_a_keyed_request_refused_with_503_can_be_repeated_once_temporal_is_back(
+    api: httpx.AsyncClient,
+    unreachable_api: httpx.AsyncClient,
+    worker: Worker,
+    client: Client,
+    sessions: async_sessionmaker[AsyncSession],
+    resource_id: str,
+) -> None:
+    key = {"Idempotency-Key": f"outage-{resource_id}"}
+
+    refused = await unreachable_api.put(f"/resources/{resource_id}", json={}, headers=key)
+    repeated = await api.put(f"/resources/{resource_id}", json={}, headers=key)
+
+    assert refused.status_code == 503
+    assert repeated.status_code == 201, repeated.text
+    assert "idempotent-replayed" not in repeated.headers
+    await _until_quiet(sessions, [resource_id])
+    assert await _versions(sessions, resource_id) == {1: "succeeded"}
+    assert await _workflow_count(client, resource_id) == 1

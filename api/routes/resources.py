@@ -20,9 +20,9 @@ from temporalio.service import RPCError
 
 from api.body import check_content_type, parse_upsert_body, read_limited
 from api.deps import SessionDep, SessionsDep, SettingsDep, TemporalDep
-from api.idempotency import REPLAY_HEADER, Claim, check_key, claim_key, release_key, store_response
+from api.idempotency import REPLAY_HEADER, Claim, check_key, claim_key, store_response, unlock_key
 from api.paths import ResourceIdPath, check_id
-from api.problems import Problem, problem_responses
+from api.problems import Problem, problem_response, problem_responses
 from api.schemas import (
     EtlRef,
     ResourceList,
@@ -131,9 +131,17 @@ async def upsert_resource(
             respond_async,
             idempotency_key,
         )
+    except Problem as problem:
+        if idempotency_key is not None:
+            if problem.status == 422:  # the data cannot be persisted: final, replay it
+                refused = problem_response(problem)
+                await store_response(sessions, idempotency_key, scope, 422, bytes(refused.body), {})
+            else:
+                await unlock_key(sessions, idempotency_key, scope)
+        raise
     except BaseException:
         if idempotency_key is not None:
-            await release_key(sessions, idempotency_key, scope)
+            await unlock_key(sessions, idempotency_key, scope)
         raise
     response = JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
     if idempotency_key is not None:
