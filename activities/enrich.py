@@ -3,10 +3,11 @@
 Records are selected by the enrichment rules (a path pattern and a kind each),
 sent in batches, and each answer's fields are merged as `{path}.{field}`
 (`address.country` = "FR" gains `address.country.country_name` = "France").
-After every batch the activity stores its answers with the number of batches
-done (a checkpoint in PostgreSQL) and heartbeats that number, so a retried
-attempt — after a crash, a timeout or a 5xx — resumes with the next batch
-instead of starting over. A 4xx answer cannot succeed on
+After every batch the activity stores that batch's answers (a checkpoint in
+PostgreSQL, one row per batch, so checkpointing stays linear in the number of
+batches) and heartbeats its progress, so a retried attempt — after a crash, a
+timeout or a 5xx — asks only for the batches not answered yet instead of
+starting over. A 4xx answer cannot succeed on
 retry: it fails the step at once with the service's message.
 """
 
@@ -70,17 +71,22 @@ class EnrichActivities:
         items = select_items(records, self._rules)
         size = self._config.batch_size
         batches = [items[i : i + size] for i in range(0, len(items), size)]
-        # Resume after the last batch whose answers were stored. Heartbeats say the same,
-        # but the SDK throttles them: a worker killed between two may not have sent the last.
-        checkpoint = f"{step.step}.partial"
-        saved = await self._store.read(step, checkpoint) or {}
-        done = int(saved.get("batches", 0))
-        merged: dict[str, Any] = dict(saved.get("fields", {}))
-        resumed = done
-        for index in range(done, len(batches)):
+        # Each batch's answers are stored as it is answered: a retried attempt asks only for
+        # the batches not stored yet. (Heartbeats report the same progress, but the SDK
+        # throttles them: a worker killed between two may not have sent the last one.)
+        prefix = f"{step.step}.batch."
+        stored = await self._store.read_all(step, prefix)
+        merged: dict[str, Any] = {}
+        for answers in stored.values():
+            merged.update(answers)
+        resumed = len(stored)
+        for index, batch in enumerate(batches):
+            if f"{prefix}{index}" in stored:
+                continue
             activity.heartbeat(index)
-            merged.update(await self._call(batches[index]))
-            await self._store.write(step, {"batches": index + 1, "fields": merged}, name=checkpoint)
+            answers = await self._call(batch)
+            await self._store.write(step, answers, name=f"{prefix}{index}")
+            merged.update(answers)
             activity.heartbeat(index + 1)
         await self._store.write(step, {**records, **merged})
         return StepResult(

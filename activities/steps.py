@@ -84,6 +84,20 @@ class StepStore:
             )
         return None if body is None else await asyncio.to_thread(decode_object, body)
 
+    async def read_all(self, step: StepInput, prefix: str) -> dict[str, dict[str, Any]]:
+        """Return everything stored for the step's version under names starting with `prefix`."""
+        async with self.sessions() as session:
+            rows = (
+                await session.execute(
+                    select(StepOutput.step, StepOutput.body).where(
+                        StepOutput.resource_id == step.resource_id,
+                        StepOutput.version == step.version,
+                        StepOutput.step.startswith(prefix, autoescape=True),
+                    )
+                )
+            ).all()
+        return {row.step: await asyncio.to_thread(decode_object, row.body) for row in rows}
+
     async def write(self, step: StepInput, value: dict[str, Any], name: str | None = None) -> None:
         """Store `value` as the step's output (or under `name`, e.g. a checkpoint)."""
         body = await asyncio.to_thread(encode, value)

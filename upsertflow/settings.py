@@ -38,7 +38,7 @@ class Enrichment(BaseModel):
         EnrichmentRule(path=r"(^|\.)e_?mail(_address)?$", kind="email"),
         EnrichmentRule(path=r"(^|\.)(currency|currency_code)$", kind="currency_code"),
     ]
-    batch_size: int = 100
+    batch_size: int = 250
     request_timeout_seconds: float = 5.0
     max_connections: int = 20
 
