@@ -28,6 +28,9 @@ test: $(STAMP) ## Run the whole test suite offline on the embedded components
 record-histories: $(STAMP) ## Record workflow histories of real runs for the replay tests (tests/histories)
 	$(BIN)/python -m pytest tests/histories/record.py -q
 
+bench: $(STAMP) ## Benchmark upsertflow against a baseline measured in the same run (bench/RESULTS.md)
+	$(BIN)/python -m bench.upserts
+
 lint: $(STAMP) ## ruff and mypy
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -40,4 +43,4 @@ format: $(STAMP) ## Format the code
 clean-data: ## Delete the embedded servers' data (.data/)
 	rm -rf .data
 
-.PHONY: help install dev test record-histories lint format clean-data
+.PHONY: help install dev test record-histories bench lint format clean-data

@@ -1,0 +1,593 @@
+"""upsertflow against a bare-Temporal baseline measured in the same run, on the same servers.
+
+    .venv/bin/python -m bench.upserts            # about 2–3 minutes on 2 cores
+    .venv/bin/python -m bench.upserts --help     # the sizes
+
+Starts the stack of `make dev` (embedded PostgreSQL, the Temporal dev server on
+SQLite in WAL mode, the enrichment service, one worker, the API) in a temporary
+directory on free ports, and an in-process worker for the baseline on a task
+queue of its own. The baseline, `bench.baseline.BareUpsert`, has the shape of
+`UpsertWorkflow` with nothing in it: update-with-start answered after the first
+of 5 no-op activities. Prints a markdown table of ratios and writes it to
+bench/RESULTS.md; stops everything at the end, also on Ctrl-C or a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
+from importlib.metadata import version
+from itertools import pairwise
+from pathlib import Path
+from types import FrameType
+from typing import Any, NamedTuple
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client, WithStartWorkflowOperation
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.worker import Worker
+
+from bench.baseline import BareUpsert, noop
+from bench.stack import REPO_ROOT, Stack
+from upsertflow import temporal
+from upsertflow.embedded import venv_binary
+
+RESULTS = Path(__file__).with_name("RESULTS.md")
+COUNTRIES = ("FR", "DE", "US", "JP", "BR")
+DESCRIPTION = "A widget of the usual kind, " * 5
+#: Seconds to wait for any workflow, or for all of those of the throughput metric.
+TIMEOUT = 600
+
+#: Calls time one request and return (seconds, workflow id).
+Call = Callable[[int], Awaitable[tuple[float, str]]]
+Row = tuple[str, ...]
+
+
+class Samples(NamedTuple):
+    answers: list[float]  # seconds until the answer
+    totals: list[float]  # seconds until the workflow completed
+    ids: list[str]  # workflow ids
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.upserts", description=__doc__)
+    add = parser.add_argument
+    add("--n", type=int, default=50, help="requests one at a time, per latency metric")
+    add("--warmup", type=int, default=5, help="untimed requests before each latency metric")
+    add("--m", type=int, default=200, help="workflows or upserts in the throughput metric")
+    add("--concurrency", type=int, default=50, help="requests in flight in the throughput metric")
+    add("--activities", type=int, default=5, help="no-op activities of the baseline workflow")
+    add("--info-kib", type=int, default=1, help="size of the info of every small upsert")
+    add("--large-mib", type=float, default=5, help="size of the large info (0: skip)")
+    add("--large-runs", type=int, default=3, help="large and small upserts, end to end")
+    add(
+        "--dev-server-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dynamic config value for the dev server (default: none, as `make dev`)",
+    )
+    add("--results", type=Path, default=RESULTS, help="where to write the table")
+    return parser.parse_args(argv)
+
+
+def command(args: argparse.Namespace) -> str:
+    python = os.path.relpath(sys.executable, REPO_ROOT)
+    options = (
+        f"--n {args.n} --warmup {args.warmup} --m {args.m} --concurrency {args.concurrency} "
+        f"--activities {args.activities} --info-kib {args.info_kib} "
+        f"--large-mib {args.large_mib:g} --large-runs {args.large_runs}"
+    )
+    for value in args.dev_server_config:
+        options += f" --dev-server-config {value}"
+    return f"{python} -m bench.upserts {options}"
+
+
+def make_info(size: int, seed: str) -> dict[str, Any]:
+    """A messy `info` of about `size` bytes of JSON: items with values to coerce and enrich."""
+    items: dict[str, Any] = {}
+    total = 0
+    while total < size:
+        index = len(items)
+        item = {
+            "Name": f" Widget {seed}-{index} ",
+            "Price": f"{index % 1000}.50",
+            "Country": COUNTRIES[index % len(COUNTRIES)],
+            "Email": f"buyer{index}@example.com",
+            "Active": "yes" if index % 2 else "no",
+            "Created": "2024-01-02",
+            "Notes": "N/A",
+            "Description": DESCRIPTION,
+        }
+        items[f"Item {index}"] = item
+        total += len(json.dumps(item)) + 12
+    return {"Source": seed, "Items": items}
+
+
+def body(seed: str, info_bytes: int) -> bytes:
+    return json.dumps({"attributes": {"name": seed}, "info": make_info(info_bytes, seed)}).encode()
+
+
+def pct(values: list[float], q: int) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+class Bench:
+    """The calls, the ways of timing them, and the three measurements."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        stack: Stack,
+        client: Client,
+        http: httpx.AsyncClient,
+        db: AsyncEngine,
+    ) -> None:
+        self.args = args
+        self.stack = stack
+        self.client = client
+        self.http = http
+        self.db = db
+        self.run = uuid.uuid4().hex[:8]
+        self.queue = f"bench-baseline-{self.run}"
+        self.small = args.info_kib * 1024
+
+    def baseline_worker(self) -> Worker:
+        return Worker(self.client, task_queue=self.queue, workflows=[BareUpsert], activities=[noop])
+
+    # The calls: each times one request and returns the id of the workflow it started.
+
+    async def bare_update_with_start(self, _index: int) -> tuple[float, str]:
+        workflow_id = f"bare-{uuid.uuid4().hex}"
+        operation = WithStartWorkflowOperation(
+            BareUpsert.run,
+            self.args.activities,
+            id=workflow_id,
+            task_queue=self.queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        )
+        started = time.perf_counter()
+        await self.client.execute_update_with_start_workflow(
+            BareUpsert.first_done, start_workflow_operation=operation
+        )
+        return time.perf_counter() - started, workflow_id
+
+    async def bare_start(self, _index: int) -> tuple[float, str]:
+        workflow_id = f"bare-{uuid.uuid4().hex}"
+        started = time.perf_counter()
+        await self.client.start_workflow(
+            BareUpsert.run, self.args.activities, id=workflow_id, task_queue=self.queue
+        )
+        return time.perf_counter() - started, workflow_id
+
+    def put(
+        self, prefix: str, info_bytes: int, prefer_async: bool = False, accept: tuple[int, ...] = ()
+    ) -> Call:
+        """PUT resources `{prefix}-{run}-{index}`; answers other than `accept` fail the run."""
+        headers = {"Content-Type": "application/json"}
+        if prefer_async:
+            headers["Prefer"] = "respond-async"
+        accept = accept or ((202,) if prefer_async else (201,))
+
+        async def call(index: int) -> tuple[float, str]:
+            resource_id = f"{prefix}-{self.run}-{index}"
+            content = body(resource_id, info_bytes)
+            started = time.perf_counter()
+            response = await self.http.put(
+                f"/resources/{resource_id}", content=content, headers=headers
+            )
+            elapsed = time.perf_counter() - started
+            if response.status_code not in accept:
+                raise RuntimeError(f"PUT {resource_id}: {response.status_code} {response.text}")
+            answer = response.json()
+            return elapsed, answer.get("workflow_id") or answer["etl"]["workflow_id"]
+
+        return call
+
+    async def finish(self, workflow_id: str) -> None:
+        """Wait until the workflow has completed; fail unless its ETL (if any) succeeded."""
+        async with asyncio.timeout(TIMEOUT):
+            result = await self.client.get_workflow_handle(workflow_id).result()
+        if isinstance(result, dict) and result.get("status") != "succeeded":
+            raise RuntimeError(f"{workflow_id} ended {result.get('status')}: {result}")
+
+    # The measurements.
+
+    async def latency(self) -> tuple[list[Row], list[list[str]]]:
+        """One at a time, baseline and upsertflow in turn: rows, and the workflows to break down."""
+        n, warmup = self.args.n, self.args.warmup
+        async with self.baseline_worker():
+            bare, put = await self.one_at_a_time(
+                [self.bare_update_with_start, self.put("lat", self.small)], n, warmup
+            )
+            bare_start, put_async = await self.one_at_a_time(
+                [self.bare_start, self.put("async", self.small, prefer_async=True)], n, warmup
+            )
+        rows = [
+            *latency_rows("answer, one at a time", bare.answers, put.answers),
+            *latency_rows("start only, one at a time", bare_start.answers, put_async.answers),
+            *latency_rows("end to end, one at a time", bare.totals, put.totals),
+        ]
+        return rows, [bare.ids, put.ids]
+
+    async def throughput(self) -> tuple[list[Row], list[Row]]:
+        """`m` of each, `concurrency` in flight: rows, and CPU per workflow by process."""
+        args = self.args
+        cpu = [self.stack.cpu_seconds()]
+        async with self.baseline_worker():
+            bare_seconds, bare_answers = await self.flood(
+                self.bare_update_with_start, self.all_finished
+            )
+        cpu.append(self.stack.cpu_seconds())
+        put_seconds, put_answers = await self.flood(
+            self.put("tp", self.small), self.etls_succeeded("tp")
+        )
+        cpu.append(self.stack.cpu_seconds())
+        rows: list[Row] = [
+            (
+                f"throughput, {args.m} with {args.concurrency} in flight (per s)",
+                f"{args.m / bare_seconds:.1f}",
+                f"{args.m / put_seconds:.1f}",
+                f"{bare_seconds / put_seconds:.2f}",
+            ),
+            *latency_rows("answer under that load", bare_answers, put_answers),
+        ]
+        used = [{key: after[key] - before[key] for key in after} for before, after in pairwise(cpu)]
+        per = 1000 / args.m
+        by_process: list[Row] = [
+            (name, *(f"{u[name] * per:.1f}" for u in used)) for name in used[0]
+        ]
+        busy = [
+            sum(u.values()) / (seconds * (os.cpu_count() or 1))
+            for u, seconds in zip(used, (bare_seconds, put_seconds), strict=True)
+        ]
+        by_process += [
+            ("total", *(f"{sum(u.values()) * per:.1f}" for u in used)),
+            ("share of all CPUs busy", *(f"{share:.0%}" for share in busy)),
+        ]
+        return rows, by_process
+
+    async def large(self) -> tuple[list[Row], list[str]]:
+        """Small upserts, then large ones, end to end: rows, and the large workflows.
+
+        Not in turn: after a long workflow the dev server's task queue reader is
+        idle and a small upsert right after it would not wait for it as usual.
+        """
+        size, runs = int(self.args.large_mib * 2**20), self.args.large_runs
+        [small] = await self.one_at_a_time([self.put("ref", self.small)], runs, 0)
+        # Past the sync timeout the answer is 202: persisting a large body may take that long.
+        [large] = await self.one_at_a_time([self.put("large", size, accept=(201, 202))], runs, 0)
+        rows = [
+            seconds_row("large info: PUT answer (s)", small.answers, large.answers),
+            seconds_row("large info: end to end (s)", small.totals, large.totals),
+        ]
+        return rows, large.ids
+
+    # Ways of timing calls.
+
+    async def one_at_a_time(self, calls: list[Call], runs: int, warmup: int) -> list[Samples]:
+        """Each call in turn, waiting for its workflow's end before the next one.
+
+        Taking turns, the calls see the same machine: whatever else runs on it
+        slows them alike.
+        """
+        samples = [Samples([], [], []) for _ in calls]
+        for index in range(-warmup, runs):
+            for call, sample in zip(calls, samples, strict=True):
+                started = time.perf_counter()
+                answer, workflow_id = await call(index)
+                await self.finish(workflow_id)
+                if index >= 0:
+                    sample.answers.append(answer)
+                    sample.totals.append(time.perf_counter() - started)
+                    sample.ids.append(workflow_id)
+        return samples
+
+    async def flood(
+        self, call: Call, wait: Callable[[list[str]], Awaitable[None]]
+    ) -> tuple[float, list[float]]:
+        """`m` calls, `concurrency` at a time, then `wait` until all ended: (seconds, answers)."""
+        slots = asyncio.Semaphore(self.args.concurrency)
+        answers: list[float] = []
+        ids: list[str] = []
+
+        async def one(index: int) -> None:
+            async with slots:
+                answer, workflow_id = await call(index)
+            answers.append(answer)
+            ids.append(workflow_id)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(index) for index in range(self.args.m)))
+        await wait(ids)
+        return time.perf_counter() - started, answers
+
+    async def all_finished(self, ids: list[str]) -> None:
+        await asyncio.gather(*(self.finish(workflow_id) for workflow_id in ids))
+
+    def etls_succeeded(self, prefix: str) -> Callable[[list[str]], Awaitable[None]]:
+        """Poll PostgreSQL until every ETL of the resources under `prefix` succeeded."""
+        query = text(
+            "select count(*) filter (where etl_status = 'succeeded'),"
+            " count(*) filter (where etl_status in ('failed', 'cancelled', 'superseded'))"
+            " from resource_versions where resource_id like :pattern"
+        )
+
+        async def wait(ids: list[str]) -> None:
+            async with asyncio.timeout(TIMEOUT):
+                while True:
+                    async with self.db.connect() as connection:
+                        result = await connection.execute(
+                            query, {"pattern": f"{prefix}-{self.run}-%"}
+                        )
+                        succeeded, ended_otherwise = result.one()
+                    if ended_otherwise:
+                        raise RuntimeError(f"{ended_otherwise} ETLs did not succeed")
+                    if succeeded >= len(ids):
+                        return
+                    await asyncio.sleep(0.05)
+
+        return wait
+
+
+async def segments(client: Client, workflow_id: str) -> dict[str, float]:
+    """Where a workflow's time went, from its history: seconds by segment.
+
+    Each activity's run; then, summed over the workflow, the time activities and
+    workflow tasks waited in their queues, the time workflow tasks ran on the
+    worker, and the rest: the server between events (its round trips).
+    """
+    history = await client.get_workflow_handle(workflow_id).fetch_history()
+    events = history.events
+    result: dict[str, float] = {}
+    started: dict[int, float] = {}
+    queued = {"activities": 0.0, "workflow tasks": 0.0}
+    worker = 0.0
+    for event in events:
+        at = event.event_time.ToNanoseconds() / 1e9
+        kind = event.event_type
+        if kind in (
+            EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED,
+            EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED,
+        ):
+            started[event.event_id] = at
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED:
+            scheduled = event.activity_task_started_event_attributes.scheduled_event_id
+            queued["activities"] += at - started[scheduled]
+            started[scheduled] = at
+        elif kind == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            scheduled = event.activity_task_completed_event_attributes.scheduled_event_id
+            result[f"activity {len(result) + 1} ran"] = at - started[scheduled]
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED:
+            scheduled = event.workflow_task_started_event_attributes.scheduled_event_id
+            queued["workflow tasks"] += at - started[scheduled]
+            started[scheduled] = at
+        elif kind == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            worker += (
+                at - started[event.workflow_task_completed_event_attributes.scheduled_event_id]
+            )
+    total = (events[-1].event_time.ToNanoseconds() - events[0].event_time.ToNanoseconds()) / 1e9
+    result["activities queued (sum)"] = queued["activities"]
+    result["workflow tasks queued (sum)"] = queued["workflow tasks"]
+    result["workflow tasks ran on the worker (sum)"] = worker
+    result["rest: the server between events"] = total - sum(result.values())
+    result["total: workflow start → completed"] = total
+    return result
+
+
+async def breakdown(client: Client, ids: list[str]) -> dict[str, float]:
+    """The median of every segment over the workflows."""
+    samples = await asyncio.gather(*(segments(client, workflow_id) for workflow_id in ids))
+    return {key: statistics.median(sample[key] for sample in samples) for key in samples[0]}
+
+
+class Results(NamedTuple):
+    metrics: list[Row]  # metric, baseline, upsertflow, ratio
+    where: list[Row]  # segment, then one column per kind of workflow
+    cpu: list[Row]  # process, baseline, upsertflow
+
+
+async def measure(stack: Stack, args: argparse.Namespace) -> Results:
+    client = await temporal.connect(env={"TEMPORAL_ADDRESS": stack.temporal_address})
+    db = create_async_engine(stack.database_url)
+    limits = httpx.Limits(max_connections=args.concurrency)
+    try:
+        async with httpx.AsyncClient(base_url=stack.api_url, timeout=120, limits=limits) as http:
+            bench = Bench(args, stack, client, http, db)
+            print(f"1/3 latency, one at a time, n={args.n}", flush=True)
+            latency, ids = await bench.latency()
+            print(f"2/3 throughput, m={args.m}, {args.concurrency} in flight", flush=True)
+            throughput, cpu = await bench.throughput()
+            large: list[Row] = []
+            if args.large_mib > 0:
+                print(f"3/3 large info, {args.large_mib:g} MiB, runs={args.large_runs}", flush=True)
+                large, large_ids = await bench.large()
+                ids.append(large_ids)
+            columns = [await breakdown(client, some) for some in ids]
+    finally:
+        await db.dispose()
+    keys = list(dict.fromkeys(key for column in columns for key in column))
+    where: list[Row] = [
+        (key, *(f"{column[key] * 1000:.0f}" if key in column else "—" for column in columns))
+        for key in keys
+    ]
+    return Results([*latency, *throughput, *large], where, cpu)
+
+
+def latency_rows(metric: str, baseline: list[float], upsertflow: list[float]) -> list[Row]:
+    rows: list[Row] = []
+    for q in (50, 90):
+        b, u = pct(baseline, q), pct(upsertflow, q)
+        rows.append((f"{metric}, p{q} (ms)", f"{b * 1000:.0f}", f"{u * 1000:.0f}", f"{u / b:.2f}"))
+    return rows
+
+
+def seconds_row(metric: str, baseline: list[float], upsertflow: list[float]) -> Row:
+    b, u = statistics.median(baseline), statistics.median(upsertflow)
+    return (metric, f"{b:.2f}", f"{u:.2f}", f"{u / b:.1f}")
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.machine(),
+    )
+    cli = subprocess.run(
+        [venv_binary("temporal"), "--version"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    return (
+        f"nproc {os.cpu_count()} ({cpu}), Python {platform.python_version()}, "
+        f"temporalio {version('temporalio')}, {cli}"
+    )
+
+
+def cpu_busy(seconds: float = 1.0) -> float:
+    """The share of the machine's CPU time that was not idle during `seconds`."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(value) for value in Path("/proc/stat").read_text().split()[1:9]]
+        return fields[3] + fields[4], sum(fields)  # idle + iowait, all
+
+    idle, total = sample()
+    time.sleep(seconds)
+    idle_after, total_after = sample()
+    return 1 - (idle_after - idle) / max(total_after - total, 1)
+
+
+def table(header: tuple[str, ...], rows: list[Row]) -> str:
+    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
+    lines += [f"| {' | '.join(row)} |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace, results: Results, seconds: float, busy: float) -> str:
+    columns: tuple[str, ...] = ("segment", "baseline", f"upsertflow {args.info_kib} KiB")
+    if len(results.where[0]) > 3:
+        columns += (f"upsertflow {args.large_mib:g} MiB",)
+    a, info = f"{args.activities} no-op activities", f"{args.info_kib} KiB `info`"
+    legend = [
+        f"- **answer**: `execute_update_with_start_workflow` whose update waits for the first "
+        f"of {a} / `PUT /resources/{{id}}` → 201 with a {info}.",
+        "- **start only**: `start_workflow` / the same PUT with `Prefer: respond-async` → 202.",
+        f"- **end to end**: until the workflow completed ({a} / persist → normalize → enrich → "
+        "load → record_outcome), waited for before the next request.",
+        f"- **throughput**: {args.m} requests, {args.concurrency} in flight, until every "
+        "workflow completed (baseline: its result; upsertflow: `etl_status = 'succeeded'` "
+        "counted in PostgreSQL). Ratio: upsertflow / baseline rate.",
+    ]
+    if args.large_mib > 0:
+        legend.append(
+            f"- **large info**: upsertflow with a {info} / a {args.large_mib:g} MiB `info`, "
+            f"median of {args.large_runs} run(s) each, one at a time."
+        )
+    return "\n\n".join(
+        [
+            f"# upsertflow benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+            f"Machine: {machine()}; CPUs {busy:.0%} busy in the second before the run (it "
+            "should be near 0: anything else running slows the two columns unevenly).",
+            f"Command: `{command(args)}` (took {seconds:.0f} s).",
+            "Baseline: `bench.baseline.BareUpsert` on the same dev server, run by an in-process "
+            "worker on a task queue of its own. upsertflow: the stack of `make dev` over real "
+            "HTTP. Ratio: upsertflow / baseline.",
+            table(("metric", "baseline", "upsertflow", "ratio"), results.metrics),
+            "\n".join(legend),
+            "Where the time goes: median per segment (ms) from the workflow histories "
+            "of the one-at-a-time runs (end to end, large info). Activities 1–5: "
+            "persist, normalize, enrich, load, record_outcome (baseline: no-ops); "
+            "queued: scheduled → started; ran: started → completed.",
+            table(columns, results.where),
+            f"CPU per workflow in the throughput metric (ms), by process: where the "
+            f"{args.concurrency}-in-flight time goes.",
+            table(("process", "baseline", "upsertflow"), results.cpu),
+        ]
+    )
+
+
+async def supervise(stack: Stack, work: Coroutine[Any, Any, Results]) -> Results:
+    """Run `work` until it ends, a child of the stack exits, or SIGINT or SIGTERM arrive.
+
+    The last two cancel it, so every `async with` ends in order (the baseline
+    worker shuts down); the SDK may turn the cancellation into an error of its
+    own, which is why the cause is kept aside and raised instead.
+    """
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    stopped: list[BaseException] = []
+
+    def stop(cause: BaseException) -> None:
+        stopped.append(cause)
+        task.cancel()
+        # Futures the SDK leaves with the cancellation in them are no news.
+        loop.set_exception_handler(lambda _loop, _context: None)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop, KeyboardInterrupt())
+    while not task.done():
+        await asyncio.wait([task], timeout=0.5)
+        if not task.done() and not stopped:
+            try:
+                stack.check_alive()
+            except RuntimeError as error:
+                stop(error)
+    if stopped:
+        with contextlib.suppress(BaseException):
+            task.result()
+        raise stopped[0]
+    return task.result()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+
+    def interrupt(_signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # while the stack starts; then `until_signal`
+    busy = cpu_busy()
+    if busy > 0.1:
+        print(f"warning: the CPUs are {busy:.0%} busy before the run", file=sys.stderr)
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="upsertflow-bench-", ignore_cleanup_errors=True) as tmp:
+        stack = Stack(Path(tmp), args.dev_server_config)
+        try:
+            print(f"starting the stack in {tmp}", flush=True)
+            stack.start()
+            results = asyncio.run(supervise(stack, measure(stack, args)))
+        except KeyboardInterrupt:
+            print("interrupted: stopping everything", file=sys.stderr)
+            raise SystemExit(130) from None
+        except Exception:
+            for name in ("worker", "api"):
+                print(f"--- {name} log (end) ---\n{stack.tail(name)}", file=sys.stderr)
+            raise
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping has timeouts of its own
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            stack.stop()
+    text = report(args, results, time.monotonic() - started, busy)
+    args.results.write_text(text + "\n")
+    print(f"\n{text}\n\nwritten to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
