@@ -20,7 +20,7 @@ from typing import IO, Any
 
 import httpx
 
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, wait_for_port
+from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, migrate, wait_for_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -86,21 +86,7 @@ class Stack:
             UPSERTFLOW_ENRICHMENT__URL=f"http://127.0.0.1:{enrichment_port}",
             UPSERTFLOW_API_PORT=str(self.api_port),
         )
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "alembic",
-                "-c",
-                str(REPO_ROOT / "alembic.ini"),
-                "upgrade",
-                "head",
-            ],
-            env=env,
-            cwd=REPO_ROOT,
-            check=True,
-            capture_output=True,
-        )
+        migrate(env)
         enrichment = self._spawn(
             "enrichment", ["-m", "enrichment_service", "--port", str(enrichment_port)], env
         )

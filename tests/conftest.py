@@ -20,7 +20,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from api.main import create_app
-from upsertflow import temporal
+from upsertflow import embedded, temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, wait_for_port
 from upsertflow.settings import Enrichment, Settings
@@ -41,12 +41,8 @@ def free_port() -> int:
 
 
 def migrate(database_url: str) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", str(REPO_ROOT / "alembic.ini"), "upgrade", "head"],
-        env={**os.environ, "DATABASE_URL": database_url},
-        check=True,
-        capture_output=True,
-    )
+    """Apply the migrations, as `make dev` and a deploy do."""
+    embedded.migrate({**os.environ, "DATABASE_URL": database_url})
 
 
 @pytest.fixture(scope="session")

@@ -16,16 +16,19 @@ import signal
 import subprocess
 import sys
 import threading
-from pathlib import Path
 from types import FrameType
 
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, child_env, wait_for_port
+from upsertflow.embedded import (
+    EmbeddedPostgres,
+    TemporalDevServer,
+    child_env,
+    migrate,
+    wait_for_port,
+)
 from upsertflow.logs import configure_logging
 from upsertflow.settings import get_settings
 
 log = logging.getLogger("upsertflow.dev")
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class Supervisor:
@@ -97,19 +100,7 @@ def main() -> None:
             ui_url = temporal.ui_url or ui_url
             env["UPSERTFLOW_TEMPORAL_UI_URL"] = ui_url
             log.info("Temporal dev server ready at %s", temporal.address)
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "alembic",
-                "-c",
-                str(REPO_ROOT / "alembic.ini"),
-                "upgrade",
-                "head",
-            ],
-            env=env,
-            check=True,
-        )
+        migrate(env)
         enrichment_url = f"http://127.0.0.1:{settings.dev_enrichment_port}"
         env.setdefault("UPSERTFLOW_ENRICHMENT__URL", enrichment_url)
         enrichment = supervisor.spawn(

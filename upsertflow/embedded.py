@@ -173,6 +173,20 @@ class TemporalDevServer:
         return self._process.pid if self._process else None
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def migrate(env: dict[str, str]) -> None:
+    """Apply the Alembic migrations to the database of `env["DATABASE_URL"]`."""
+    subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(REPO_ROOT / "alembic.ini"), "upgrade", "head"],
+        env=env,
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
 def child_env(**overrides: str) -> dict[str, str]:
     """The environment for a child process, with `overrides` applied."""
     env = dict(os.environ)
