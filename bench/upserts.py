@@ -1,6 +1,6 @@
 """upsertflow against a bare-Temporal baseline measured in the same run, on the same servers.
 
-    .venv/bin/python -m bench.upserts            # about 2–3 minutes on 2 cores
+    .venv/bin/python -m bench.upserts            # about 1.5–2 minutes on 2 cores
     .venv/bin/python -m bench.upserts --help     # the sizes
 
 Starts the stack of `make dev` (embedded PostgreSQL, the Temporal dev server on
