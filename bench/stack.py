@@ -20,7 +20,13 @@ from typing import IO, Any
 
 import httpx
 
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, migrate, wait_for_port
+from upsertflow.embedded import (
+    EmbeddedPostgres,
+    TemporalDevServer,
+    migrate,
+    stop_process,
+    wait_for_port,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -155,13 +161,7 @@ class Stack:
         """Stop the children (API first), then Temporal, then PostgreSQL; kill what lingers."""
         while self.children:
             _name, process = self.children.pop()
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(grace)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            stop_process(process, grace)
         if self.temporal is not None:
             self.temporal.stop()
             self.temporal = None

@@ -22,7 +22,7 @@ from temporalio.worker import Worker
 from api.main import create_app
 from upsertflow import embedded, temporal
 from upsertflow.db import create_engine, create_sessionmaker
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, wait_for_port
+from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, stop_process, wait_for_port
 from upsertflow.settings import Enrichment, Settings
 from worker import build_worker, enrichment_client
 
@@ -118,8 +118,7 @@ def enrichment_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             wait_for_port("127.0.0.1", port, 30, process)
             yield f"http://127.0.0.1:{port}"
         finally:
-            process.terminate()
-            process.wait(10)
+            stop_process(process, 10)
 
 
 @pytest.fixture

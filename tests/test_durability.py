@@ -39,7 +39,7 @@ from temporalio.client import Client
 
 from tests.conftest import REPO_ROOT, free_port, migrate
 from upsertflow import temporal
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, wait_for_port
+from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, stop_process, wait_for_port
 from upsertflow.models import Resource, ResourceContext, ResourceVersion, StepOutput
 
 pytestmark = pytest.mark.e2e
@@ -105,14 +105,8 @@ class Child:
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`."""
         process, self.process = self.process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
+        if process is not None:
+            stop_process(process, timeout)
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]

@@ -23,6 +23,7 @@ from upsertflow.embedded import (
     TemporalDevServer,
     child_env,
     migrate,
+    stop_process,
     wait_for_port,
 )
 from upsertflow.logs import configure_logging
@@ -53,14 +54,8 @@ class Supervisor:
 
     def stop_all(self, grace: float) -> None:
         for name, process in reversed(self.children):
-            if process.poll() is None:
-                process.terminate()
-                try:
-                    process.wait(grace)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop within %.0f s; killing it", name, grace)
-                    process.kill()
-                    process.wait()
+            if not stop_process(process, grace):
+                log.warning("%s did not stop within %.0f s; it was killed", name, grace)
             log.info("stopped %s", name)
 
 

@@ -46,6 +46,20 @@ def wait_for_port(host: str, port: int, timeout: float, process: subprocess.Pope
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout} s")
 
 
+def stop_process(process: subprocess.Popen[Any], timeout: float) -> bool:
+    """Stop a child gracefully (SIGTERM), killing it after `timeout`; False if it was killed."""
+    if process.poll() is not None:
+        return True
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return False
+    return True
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server whose data lives in `data_dir`; kept across restarts."""
 
@@ -163,14 +177,8 @@ class TemporalDevServer:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the server gracefully (SIGTERM), killing it after `timeout`."""
         process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process is not None:
+            stop_process(process, timeout)
 
     @property
     def pid(self) -> int | None:
