@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import timedelta
+from typing import Any
 
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -28,6 +29,7 @@ from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
 from upsertflow.settings import Settings, get_settings
+from workflows.pipeline import ACTIVITIES
 from workflows.upsert import UpsertWorkflow
 
 log = logging.getLogger("upsertflow.worker")
@@ -41,23 +43,34 @@ def build_worker(
     interceptors: Sequence[Interceptor] = (),
 ) -> Worker:
     """Return a worker for upsertflow's workflows and activities on the configured task queue."""
-    resources = ResourceActivities(sessions)
-    enrichment = EnrichActivities(StepStore(sessions), http, settings.enrichment)
+    implementations = [
+        ResourceActivities(sessions),
+        EnrichActivities(StepStore(sessions), http, settings.enrichment),
+    ]
     return Worker(
         client,
         task_queue=settings.task_queue,
         workflows=[UpsertWorkflow],
-        activities=[
-            resources.persist,
-            resources.claim_etl,
-            resources.normalize,
-            enrichment.enrich,
-            resources.load,
-            resources.record_outcome,
-        ],
+        activities=bind_activities(implementations, ACTIVITIES),
         interceptors=[AttemptInterceptor(), *interceptors],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
     )
+
+
+def bind_activities(
+    implementations: Sequence[object], methods: Iterable[Callable[..., Any]]
+) -> list[Callable[..., Any]]:
+    """Bind each activity method the workflows call to the instance that implements it."""
+    bound: dict[str, Callable[..., Any]] = {}
+    for method in methods:
+        owner = next(
+            (i for i in implementations if getattr(type(i), method.__name__, None) is method),
+            None,
+        )
+        if owner is None:
+            raise TypeError(f"no activity implementation has {method.__qualname__}")
+        bound[method.__qualname__] = getattr(owner, method.__name__)
+    return list(bound.values())
 
 
 def enrichment_client(settings: Settings) -> httpx.AsyncClient:
@@ -87,13 +100,7 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    janitor = asyncio.create_task(
-        run_periodically(
-            sessions,
-            claim_ttl=timedelta(seconds=settings.claim_ttl_seconds),
-            interval=timedelta(seconds=settings.janitor_interval_seconds),
-        )
-    )
+    janitor = asyncio.create_task(run_periodically(sessions, client, settings.janitor))
     try:
         async with worker:
             log.info("worker started", extra={"task_queue": settings.task_queue})

@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.steps import StepStore, load_blob_json, missing_blob
+from activities.steps import StepStore, load_blob_json, owns_etl
 from upsertflow.contracts import (
     ClaimInput,
     EtlStatus,
@@ -28,12 +28,13 @@ from upsertflow.contracts import (
     StepResult,
 )
 from upsertflow.models import (
-    Blob,
     BlobClaim,
     Resource,
     ResourceContext,
+    ResourceTombstone,
     ResourceVersion,
     StepOutput,
+    persisted_from,
 )
 from upsertflow.normalize import normalize_info
 
@@ -80,22 +81,38 @@ class ResourceActivities:
             )
             if existing is not None:
                 resource = await session.get_one(Resource, existing.resource_id)
-                return Persisted(
-                    resource_id=existing.resource_id,
-                    version=existing.version,
-                    created=existing.version == 1,
-                    created_at=resource.created_at,
-                    updated_at=existing.persisted_at,
+                return persisted_from(existing, resource.created_at)
+            # The request's claim is its fence: a DELETE that withdrew the request (and
+            # so cancelled this workflow) removed it, and a late attempt writes nothing.
+            # Locked, so such a DELETE waits for this transaction, then deletes what it wrote.
+            claimed = (
+                await session.scalars(
+                    select(BlobClaim.digest)
+                    .where(BlobClaim.request_id == request.request_id)
+                    .with_for_update()
+                )
+            ).all()
+            if request.info_digest not in claimed:
+                raise ApplicationError(
+                    f"the upsert request {request.request_id} was withdrawn (its resource was "
+                    "deleted) or its stored body has expired: nothing was persisted",
+                    type="RequestWithdrawn",
+                    non_retryable=True,
                 )
             attributes = await load_blob_json(session, request.attributes_digest)
-            if await session.get(Blob, request.info_digest) is None:
-                raise missing_blob(request.info_digest)
             now = datetime.now(UTC)
+            # Versions never go backwards, even across a DELETE: a resource created again
+            # continues from its tombstone.
+            first_version = (
+                select(func.coalesce(func.max(ResourceTombstone.last_version), 0) + 1)
+                .where(ResourceTombstone.resource_id == request.resource_id)
+                .scalar_subquery()
+            )
             upsert = (
                 pg_insert(Resource)
                 .values(
                     id=request.resource_id,
-                    version=1,
+                    version=first_version,
                     attributes=attributes,
                     created_at=now,
                     updated_at=now,
@@ -132,7 +149,7 @@ class ResourceActivities:
         return Persisted(
             resource_id=request.resource_id,
             version=row.version,
-            created=row.version == 1,
+            created=row.created_at == row.updated_at,
             created_at=row.created_at,
             updated_at=row.updated_at,
         )
@@ -188,28 +205,49 @@ class ResourceActivities:
             return superseded_result()
         info = await self._store.read_input(step)
         normalized = await asyncio.to_thread(normalize_info, info)
-        await self._store.write(step, dict(normalized.records))
+        if not await self._store.write(step, dict(normalized.records)):
+            return superseded_result()
         return StepResult(
             attempt=activity.info().attempt,
             stats={
                 "records": len(normalized.records),
                 "dropped": len(normalized.dropped),
                 "collisions": len(normalized.collisions),
+                # Leaves that lost a collision: each one counted, none listed.
+                "lost": normalized.lost,
             },
-            note="; ".join(
-                f"{c.path} <- {', '.join(c.sources)}" for c in normalized.collisions[:10]
-            ),
         )
 
     @activity.defn(name="load")
     async def load(self, step: StepInput) -> StepResult:
-        """Replace the resource's context with this version's records, unless a newer one won."""
+        """Replace the resource's context with this version's records, unless a newer one won.
+
+        Idempotent: a retried attempt of a load that committed finds the context
+        loaded by its own run and reports it again. A new run of the same version
+        (an ETL retry) replaces the context: a retry recomputes it.
+        """
+        attempt = activity.info().attempt
+        run_id = activity.info().workflow_run_id
+        async with self._sessions() as session:
+            done = await session.scalar(
+                select(ResourceContext.record_count).where(
+                    ResourceContext.resource_id == step.resource_id,
+                    ResourceContext.version == step.version,
+                    ResourceContext.run_id == run_id,
+                )
+            )
+        if done is not None:
+            return StepResult(attempt=attempt, stats={"records": done})
+        if not await self._store.still_owned(step):
+            return superseded_result()
         records = await self._store.read_input(step)
         async with self._sessions.begin() as session:
             current = await session.scalar(
                 select(Resource.version).where(Resource.id == step.resource_id).with_for_update()
             )
-            if current is None or current > step.version:
+            if current != step.version:
+                return superseded_result()
+            if not await session.scalar(select(owns_etl(step.resource_id, step.version))):
                 return superseded_result()
             loaded = await session.scalar(
                 select(ResourceContext.version)
@@ -218,30 +256,31 @@ class ResourceActivities:
             )
             if loaded is not None and loaded > step.version:
                 return superseded_result()
-            if loaded != step.version:
-                context = pg_insert(ResourceContext).values(
-                    resource_id=step.resource_id,
-                    version=step.version,
-                    records=records,
-                    loaded_at=func.now(),
+            context = pg_insert(ResourceContext).values(
+                resource_id=step.resource_id,
+                version=step.version,
+                records=records,
+                loaded_at=func.now(),
+                run_id=run_id,
+                record_count=len(records),
+            )
+            await session.execute(
+                context.on_conflict_do_update(
+                    index_elements=[ResourceContext.resource_id],
+                    set_={
+                        column: context.excluded[column]
+                        for column in ("version", "records", "loaded_at", "run_id", "record_count")
+                    },
                 )
-                await session.execute(
-                    context.on_conflict_do_update(
-                        index_elements=[ResourceContext.resource_id],
-                        set_={
-                            "version": context.excluded.version,
-                            "records": context.excluded.records,
-                            "loaded_at": context.excluded.loaded_at,
-                        },
-                    )
-                )
+            )
+            # The step outputs of a loaded version are done with.
             await session.execute(
                 delete(StepOutput).where(
                     StepOutput.resource_id == step.resource_id,
                     StepOutput.version == step.version,
                 )
             )
-        return StepResult(attempt=activity.info().attempt, stats={"records": len(records)})
+        return StepResult(attempt=attempt, stats={"records": len(records)})
 
     @activity.defn(name="record_outcome")
     async def record_outcome(self, outcome: OutcomeInput) -> None:

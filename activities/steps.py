@@ -11,28 +11,54 @@ import asyncio
 import json
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Integer,
+    LargeBinary,
+    Text,
+    cast,
+    exists,
+    func,
+    literal,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from upsertflow.contracts import EtlStatus, StepInput
-from upsertflow.models import Blob, Resource, ResourceVersion, StepOutput
+from upsertflow.models import Blob, Resource, ResourceVersion, StepOutput, is_current_version
+
+
+def owns_etl(resource_id: str, version: int) -> ColumnElement[bool]:
+    """Whether the version is current and the running activity's workflow owns its ETL.
+
+    The workflow that persisted a version owns its ETL until a retry (another
+    workflow id) claims it. A step of a workflow that no longer owns it —
+    superseded by a newer version, its resource deleted, or its ETL taken over by
+    a retry — must write nothing: this is its fence. (A reset keeps the workflow
+    id: the new run of a reset workflow goes on owning the ETL.)
+    """
+    return exists().where(
+        Resource.id == resource_id,
+        Resource.version == version,
+        is_current_version(),
+        ResourceVersion.etl_workflow_id == activity.info().workflow_id,
+    )
 
 
 class StepStore:
-    """Read and write the data of ETL steps."""
+    """Read and write the data of ETL steps, fenced by the ownership of the ETL."""
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
 
     async def begin(self, step: StepInput) -> bool:
-        """Mark the version's ETL as running; return False if a newer version superseded it."""
+        """Mark the version's ETL as running; False if it was superseded or taken over."""
         async with self.sessions.begin() as session:
-            current = await session.scalar(
-                select(Resource.version).where(Resource.id == step.resource_id)
-            )
-            if current is None or current > step.version:
+            if not await session.scalar(select(owns_etl(step.resource_id, step.version))):
                 return False
             await session.execute(
                 update(ResourceVersion)
@@ -43,7 +69,22 @@ class StepStore:
                 )
                 .values(etl_status=EtlStatus.RUNNING, etl_started_at=func.now())
             )
+            # A reset workflow goes on in a new run: the version points at the run at work.
+            await session.execute(
+                update(ResourceVersion)
+                .where(
+                    ResourceVersion.resource_id == step.resource_id,
+                    ResourceVersion.version == step.version,
+                    ResourceVersion.etl_run_id != activity.info().workflow_run_id,
+                )
+                .values(etl_run_id=activity.info().workflow_run_id)
+            )
         return True
+
+    async def still_owned(self, step: StepInput) -> bool:
+        """Whether the version is still current and its ETL still this run's."""
+        async with self.sessions() as session:
+            return bool(await session.scalar(select(owns_etl(step.resource_id, step.version))))
 
     async def read_input(self, step: StepInput) -> dict[str, Any]:
         """Return the previous step's output, or the version's raw `info` for the first step."""
@@ -98,22 +139,29 @@ class StepStore:
             ).all()
         return {row.step: await asyncio.to_thread(decode_object, row.body) for row in rows}
 
-    async def write(self, step: StepInput, value: dict[str, Any], name: str | None = None) -> None:
-        """Store `value` as the step's output (or under `name`, e.g. a checkpoint)."""
+    async def write(self, step: StepInput, value: dict[str, Any], name: str | None = None) -> bool:
+        """Store `value` as the step's output (or under `name`, e.g. a checkpoint).
+
+        Only while this run owns the version's ETL; return whether it was stored.
+        """
         body = await asyncio.to_thread(encode, value)
-        statement = pg_insert(StepOutput).values(
-            resource_id=step.resource_id,
-            version=step.version,
-            step=name or step.step,
-            body=body,
+        row = select(
+            cast(literal(step.resource_id), Text),
+            cast(literal(step.version), Integer),
+            cast(literal(name or step.step), Text),
+            cast(literal(body, LargeBinary), LargeBinary),
+        ).where(owns_etl(step.resource_id, step.version))
+        statement = pg_insert(StepOutput).from_select(
+            ["resource_id", "version", "step", "body"], row
         )
         async with self.sessions.begin() as session:
-            await session.execute(
+            result = await session.execute(
                 statement.on_conflict_do_update(
                     index_elements=[StepOutput.resource_id, StepOutput.version, StepOutput.step],
                     set_={"body": statement.excluded.body},
                 )
             )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
 
 
 async def load_blob_json(session: AsyncSession, digest: str) -> dict[str, Any]:

@@ -11,6 +11,7 @@ and so the same workflow — as the first.
 
 from __future__ import annotations
 
+import math
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -112,13 +113,17 @@ async def claim_key(
                 row.response_headers,
             )
         if row.locked_until > now:
+            # The first request answers within its lock, or the lock expires and a repeat
+            # takes it over: either way a repeat after this long gets an answer.
+            wait = max(1, math.ceil((row.locked_until - now).total_seconds()))
             raise Problem(
                 409,
                 "idempotency-key-in-flight",
                 "Request with this Idempotency-Key is in flight",
-                f"the first request with the key {key!r} is still being processed; "
-                "repeat this request later to get its response",
-                headers={"Retry-After": "1"},
+                f"the first request with this key is still being processed; repeat this "
+                f"request to get its response (at the latest after {wait} s, when a repeat "
+                "takes over the first request if it has not answered)",
+                headers={"Retry-After": str(wait)},
             )
         row.locked_until = now + lock_for
         return KeyState(Claim.RESUME, row.request_id)

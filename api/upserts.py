@@ -30,10 +30,10 @@ from api.observability import WORKFLOWS_STARTED, correlation_id
 from api.problems import Problem
 from api.schemas import EtlRef, ResourcePublic, UpsertAccepted
 from upsertflow.contracts import EtlStatus, Persisted, UpsertRequest
-from upsertflow.models import Blob, BlobClaim, Resource, ResourceVersion
+from upsertflow.models import Blob, BlobClaim, Resource, ResourceVersion, persisted_from
+from upsertflow.naming import RESOURCE_ID, upsert_workflow_id
 from upsertflow.settings import Settings
 from upsertflow.temporal import UNREACHABLE
-from workflows import RESOURCE_ID, upsert_workflow_id
 from workflows.upsert import UpsertWorkflow
 
 log = logging.getLogger("upsertflow.api")
@@ -53,7 +53,9 @@ def temporal_unavailable(error: Exception) -> Problem:
         503,
         "temporal-unavailable",
         "Temporal is unavailable",
-        f"the request was not accepted; nothing was changed; try again: {error}",
+        "Temporal could not be reached, so the upsert may or may not have started; "
+        "repeat the request later: with the same Idempotency-Key a repeat is safe "
+        "(applied at most once), without one it may create another version",
         headers={"Retry-After": RETRY_AFTER_SECONDS},
     )
 
@@ -68,7 +70,7 @@ class Answer:
 
 
 async def store_documents(
-    sessions: async_sessionmaker[AsyncSession], request_id: str, *docs: Document
+    sessions: async_sessionmaker[AsyncSession], resource_id: str, request_id: str, *docs: Document
 ) -> None:
     """Store documents by content address (once each), claimed by the request until it persists.
 
@@ -80,7 +82,10 @@ async def store_documents(
     rows = [
         {"digest": d.digest, "body": d.body, "size_bytes": len(d.body)} for d in unique.values()
     ]
-    claims = [{"request_id": request_id, "digest": digest} for digest in unique]
+    claims = [
+        {"request_id": request_id, "digest": digest, "resource_id": resource_id}
+        for digest in unique
+    ]
     async with sessions.begin() as session:
         statement = pg_insert(Blob).values(rows)
         # Storing known content again renews it, so no collection can take it meanwhile.
@@ -227,11 +232,4 @@ async def persisted_by_request(
     if row is None:
         return None
     version, created_at = row
-    persisted = Persisted(
-        resource_id=version.resource_id,
-        version=version.version,
-        created=version.version == 1,
-        created_at=created_at,
-        updated_at=version.persisted_at,
-    )
-    return persisted, version.etl_run_id
+    return persisted_from(version, created_at), version.etl_run_id

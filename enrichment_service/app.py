@@ -8,7 +8,7 @@
         Unknown value: found false, fields {}. Bad request: 400/422 application/problem+json.
         Per-request faults: headers X-Fault-Latency-Ms, X-Fault-Status, X-Fault-Hang: 1.
     GET|PUT|DELETE /_faults  {"latency_ms", "error_rate", "error_status", "hang", "fail_next",
-        "seed"}: faults of every enrich request (PUT replaces all; DELETE: none).
+        "seed", "forget"}: faults of every enrich request (PUT replaces all; DELETE: none).
     GET|DELETE /_stats  {"requests", "items", "faults", "in_flight", "by_status", "by_key"}
     GET /healthz  {"status": "ok"}
 
@@ -140,6 +140,8 @@ class FaultConfig(BaseModel):
     hang: bool = False
     fail_next: int = Field(default=0, ge=0)
     seed: int = 0
+    #: Answer every value as unknown (found false): a dependency that lost its data.
+    forget: bool = False
 
 
 class EnrichItem(BaseModel):
@@ -302,7 +304,7 @@ async def _enrich(request: Request, state: ServiceState) -> Response:
         return parsed
     results = []
     for item in parsed.items:
-        fields = _lookup(item.kind, item.value)
+        fields = None if faults.forget else _lookup(item.kind, item.value)
         results.append({"key": item.key, "found": fields is not None, "fields": fields or {}})
         state.stats.by_key[item.value] += 1
     state.stats.items += len(parsed.items)

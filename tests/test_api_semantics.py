@@ -64,7 +64,9 @@ async def test_concurrent_puts_get_distinct_versions_and_the_last_one_wins(
         *(api.put(f"/resources/{resource_id}", json={"info": {"n": str(n)}}) for n in range(20))
     )
 
-    assert all(r.status_code in (200, 201) for r in responses), [r.text for r in responses]
+    assert all(r.status_code in (200, 201) for r in responses), [
+        r.text for r in responses if r.status_code not in (200, 201)
+    ]
     by_version = {r.json()["version"]: r for r in responses}
     assert sorted(by_version) == list(range(1, 21))
     assert sum(r.status_code == 201 for r in responses) == 1
@@ -114,7 +116,9 @@ async def test_200_puts_over_20_resources_at_once(
         )
     )
 
-    assert all(r.status_code in (200, 201) for r in responses), [r.text for r in responses]
+    assert all(r.status_code in (200, 201) for r in responses), [
+        r.text for r in responses if r.status_code not in (200, 201)
+    ]
     versions = Counter((r.json()["id"], r.json()["version"]) for r in responses)
     assert set(versions.values()) == {1}
     assert sorted(versions) == sorted((rid, v) for rid in ids for v in range(1, 11))
@@ -365,7 +369,12 @@ async def test_delete_cancels_running_work_and_removes_everything(
 
     assert deleted.status_code == 204
     assert (await api.get(f"/resources/{resource_id}")).status_code == 404
-    description = await client.get_workflow_handle(workflow_id).describe()
+    # Cancelled, not waited for: nothing it does from now on can write (its steps are fenced).
+    for _ in range(100):
+        description = await client.get_workflow_handle(workflow_id).describe()
+        if description.status != WorkflowExecutionStatus.RUNNING:
+            break
+        await asyncio.sleep(0.1)
     assert description.status == WorkflowExecutionStatus.CANCELED
     async with sessions() as session:
         for column in (Resource.id, ResourceVersion.resource_id, ResourceContext.resource_id):

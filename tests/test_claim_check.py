@@ -15,6 +15,7 @@ from temporalio.worker import Worker
 from tests.helpers import wait_for_etl
 from upsertflow.janitor import collect
 from upsertflow.models import Blob, BlobClaim, IdempotencyKey
+from upsertflow.settings import Janitor
 from workflows.upsert import UpsertWorkflow
 
 PAYLOAD_WARNING_BYTES = 256 * 1024
@@ -56,6 +57,7 @@ def _digest(text: str) -> str:
 
 async def test_janitor_collects_what_nobody_refers_to(
     sessions: async_sessionmaker[AsyncSession],
+    client: Client,
     api: httpx.AsyncClient,
     worker: Worker,
     resource_id: str,
@@ -95,7 +97,7 @@ async def test_janitor_collects_what_nobody_refers_to(
     kept = await wait_for_etl(api, resource_id, version=1)
     assert kept["etl"]["status"] == "succeeded"
 
-    collected = await collect(sessions, claim_ttl=timedelta(days=2))
+    collected = await collect(sessions, client, Janitor(claim_ttl_seconds=2 * 86400))
 
     assert collected.claims >= 1 and collected.blobs >= 2 and collected.idempotency_keys >= 1
     async with sessions() as session:

@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from upsertflow.settings import Settings
-from workflows import SEARCH_ATTRIBUTES
+from upsertflow.naming import SEARCH_ATTRIBUTES
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"

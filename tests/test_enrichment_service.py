@@ -156,6 +156,7 @@ async def test_fault_settings_can_be_read_replaced_and_reset(client: httpx.Async
         "hang": False,
         "fail_next": 0,
         "seed": 0,
+        "forget": False,
     }
     assert (await client.get("/_faults")).json() == none
 
@@ -225,6 +226,17 @@ async def test_latency(client: httpx.AsyncClient) -> None:
 
 async def error_statuses(client: httpx.AsyncClient, n: int = 200) -> list[int]:
     return [(await enrich(client, item("email", "a@b.c"))).status_code for _ in range(n)]
+
+
+async def test_forget_answers_every_value_as_unknown(client: httpx.AsyncClient) -> None:
+    item = {"key": "c", "kind": "country_code", "value": "FR"}
+    await client.put("/_faults", json={"forget": True})
+    forgotten = await client.post("/v1/enrich", json={"items": [item]})
+    await client.delete("/_faults")
+    known = await client.post("/v1/enrich", json={"items": [item]})
+
+    assert forgotten.json()["results"] == [{"key": "c", "found": False, "fields": {}}]
+    assert known.json()["results"][0]["fields"]["country_name"] == "France"
 
 
 async def test_error_rate_is_deterministic_for_a_seed(client: httpx.AsyncClient) -> None:

@@ -34,7 +34,7 @@ from upsertflow.contracts import (
     UpsertRequest,
 )
 from upsertflow.embedded import venv_binary
-from workflows import SEARCH_ATTRIBUTES
+from upsertflow.naming import SEARCH_ATTRIBUTES
 from workflows.pipeline import PIPELINE, Step
 from workflows.upsert import UpsertWorkflow
 

@@ -104,6 +104,8 @@ class EtlProgress(BaseModel):
 
     resource_id: str
     version: int | None = None
+    #: The pipeline definition the run follows (`workflows.pipeline.PIPELINES`).
+    pipeline_version: int = 1
     status: EtlStatus = EtlStatus.PENDING
     steps: list[StepState] = Field(default_factory=list)
     error: str | None = None

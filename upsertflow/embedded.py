@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import IO, Any
 
-from workflows import SEARCH_ATTRIBUTES
+from upsertflow.naming import SEARCH_ATTRIBUTES
 
 log = logging.getLogger("upsertflow.embedded")
 

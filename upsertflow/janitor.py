@@ -1,7 +1,17 @@
-"""Collecting what nobody needs any more: unreferenced documents and expired keys.
+"""Keeping storage bounded and stored statuses true, now and then, in every worker.
 
-Every worker runs `collect` now and then (`UPSERTFLOW_JANITOR_INTERVAL_SECONDS`);
-running it on several workers at once is harmless.
+Each round (`UPSERTFLOW_JANITOR__INTERVAL_SECONDS`):
+
+1. reconciles ETL statuses that have been in flight for a while with Temporal
+   (`upsertflow.reconcile`): a terminated or timed-out workflow leaves no
+   resource `running` forever;
+2. expires the claims of requests whose workflow is not open — never one whose
+   workflow is still running, however long the workers have been down;
+3. deletes step outputs and checkpoints of versions whose ETL ended a grace
+   period ago (failed, superseded, cancelled: a loaded version's go at once);
+4. deletes documents nothing refers to or claims, and expired idempotency keys.
+
+Running it on several workers at once is harmless.
 """
 
 from __future__ import annotations
@@ -10,29 +20,22 @@ import asyncio
 import logging
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
-from sqlalchemy import Delete, delete, exists, func
+from sqlalchemy import delete, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.service import RPCError, RPCStatusCode
 
-from upsertflow.models import Blob, BlobClaim, IdempotencyKey, ResourceVersion
+from upsertflow.models import Blob, BlobClaim, IdempotencyKey, ResourceVersion, StepOutput
+from upsertflow.naming import upsert_workflow_id
+from upsertflow.reconcile import IN_FLIGHT, reconcile_stale
+from upsertflow.settings import Janitor
+from upsertflow.store.blobs import unreferenced_blobs
 
 log = logging.getLogger("upsertflow.janitor")
 
-_D = TypeVar("_D", bound=Delete)
-
-
-def unreferenced_blobs(statement: _D, untouched_for: timedelta) -> _D:
-    """Restrict a `DELETE FROM blobs` to documents nothing refers to or claims.
-
-    `untouched_for` spares documents stored (or stored again) very recently: a
-    request storing the same content right now will claim it in a moment.
-    """
-    return statement.where(
-        Blob.created_at < func.now() - untouched_for,
-        ~exists().where(ResourceVersion.blob_digest == Blob.digest),
-        ~exists().where(BlobClaim.digest == Blob.digest),
-    )
+#: Claims looked at per round: each costs one call to Temporal.
+_CLAIMS_PER_ROUND = 500
 
 
 @dataclass(frozen=True)
@@ -40,30 +43,91 @@ class Collected:
     claims: int
     blobs: int
     idempotency_keys: int
+    step_outputs: int = 0
+    reconciled: int = 0
 
 
-async def collect(sessions: async_sessionmaker[AsyncSession], claim_ttl: timedelta) -> Collected:
-    """Expire old claims, then delete unreferenced documents and expired idempotency keys."""
+async def expire_claims(
+    sessions: async_sessionmaker[AsyncSession], client: Client, ttl: timedelta
+) -> int:
+    """Delete claims older than `ttl` whose request's workflow is not open (or never started)."""
+    async with sessions() as session:
+        old = (
+            await session.execute(
+                select(BlobClaim.request_id, BlobClaim.resource_id)
+                .where(BlobClaim.created_at < datetime.now(UTC) - ttl)
+                .distinct()
+                .limit(_CLAIMS_PER_ROUND)
+            )
+        ).all()
+    expired = []
+    for request_id, resource_id in old:
+        if resource_id is not None and await _workflow_open(
+            client, upsert_workflow_id(resource_id, request_id)
+        ):
+            continue  # accepted, waiting for a worker: its persist will need the documents
+        expired.append(request_id)
+    if not expired:
+        return 0
+    async with sessions.begin() as session:
+        result = await session.execute(delete(BlobClaim).where(BlobClaim.request_id.in_(expired)))
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def _workflow_open(client: Client, workflow_id: str) -> bool:
+    try:
+        description = await client.get_workflow_handle(workflow_id).describe()
+    except RPCError as error:
+        if error.status == RPCStatusCode.NOT_FOUND:
+            return False
+        raise
+    return description.status == WorkflowExecutionStatus.RUNNING
+
+
+async def collect(
+    sessions: async_sessionmaker[AsyncSession], client: Client, config: Janitor
+) -> Collected:
+    """Run one round (see the module docstring); return what it did."""
+    reconciled = await reconcile_stale(
+        sessions, client, timedelta(seconds=config.reconcile_after_seconds)
+    )
+    claims = await expire_claims(sessions, client, timedelta(seconds=config.claim_ttl_seconds))
+    grace = timedelta(seconds=config.step_output_grace_seconds)
     now = datetime.now(UTC)
     async with sessions.begin() as session:
-        claims = await session.execute(
-            delete(BlobClaim).where(BlobClaim.created_at < now - claim_ttl)
+        outputs = await session.execute(
+            delete(StepOutput).where(
+                exists().where(
+                    ResourceVersion.resource_id == StepOutput.resource_id,
+                    ResourceVersion.version == StepOutput.version,
+                    ResourceVersion.etl_status.not_in(IN_FLIGHT),
+                    ResourceVersion.etl_finished_at < now - grace,
+                )
+            )
         )
-        blobs = await session.execute(unreferenced_blobs(delete(Blob), claim_ttl))
+        blobs = await session.execute(
+            unreferenced_blobs(delete(Blob), timedelta(seconds=config.blob_grace_seconds))
+        )
         keys = await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
-    collected = Collected(claims.rowcount, blobs.rowcount, keys.rowcount)  # type: ignore[attr-defined]
+    collected = Collected(
+        claims=claims,
+        blobs=blobs.rowcount,  # type: ignore[attr-defined]
+        idempotency_keys=keys.rowcount,  # type: ignore[attr-defined]
+        step_outputs=outputs.rowcount,  # type: ignore[attr-defined]
+        reconciled=reconciled,
+    )
     if collected != Collected(0, 0, 0):
-        log.info("janitor collected %s", collected)
+        log.info("janitor round: %s", collected)
     return collected
 
 
 async def run_periodically(
-    sessions: async_sessionmaker[AsyncSession], claim_ttl: timedelta, interval: timedelta
+    sessions: async_sessionmaker[AsyncSession], client: Client, config: Janitor
 ) -> None:
-    """Collect every `interval` until cancelled; a failed round is logged and retried."""
+    """Run a round every `interval_seconds` until cancelled; a failed round is logged."""
     while True:
         try:
-            await collect(sessions, claim_ttl)
-        except Exception:
-            log.exception("janitor round failed")
-        await asyncio.sleep(interval.total_seconds())
+            await collect(sessions, client, config)
+        except Exception as error:
+            log.warning("janitor round failed: %s", type(error).__name__)
+        await asyncio.sleep(config.interval_seconds)

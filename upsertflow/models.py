@@ -10,6 +10,8 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.sql import ColumnElement, func
 
+from upsertflow.contracts import Persisted
+
 
 class Base(DeclarativeBase):
     pass
@@ -41,8 +43,11 @@ class BlobClaim(Base):
 
     request_id: Mapped[str] = mapped_column(Text, primary_key=True)
     digest: Mapped[str] = mapped_column(
-        Text, ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True
+        Text, ForeignKey("blobs.digest", ondelete="CASCADE"), primary_key=True, index=True
     )
+    #: The resource the request upserts: a DELETE withdraws the requests not persisted yet.
+    #: (Null only for claims stored before this column existed.)
+    resource_id: Mapped[str | None] = mapped_column(Text, index=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
 
@@ -70,7 +75,7 @@ class ResourceVersion(Base):
     version: Mapped[int] = mapped_column(Integer, primary_key=True)
     # The request that created this version: a retried `persist` finds it and writes nothing.
     request_id: Mapped[str] = mapped_column(Text, unique=True)
-    blob_digest: Mapped[str] = mapped_column(Text, ForeignKey("blobs.digest"))
+    blob_digest: Mapped[str] = mapped_column(Text, ForeignKey("blobs.digest"), index=True)
     persisted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     etl_status: Mapped[str] = mapped_column(Text)
     etl_workflow_id: Mapped[str] = mapped_column(Text)
@@ -79,6 +84,18 @@ class ResourceVersion(Base):
     etl_error: Mapped[str | None] = mapped_column(Text)
     etl_started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     etl_finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+def persisted_from(version: ResourceVersion, created_at: datetime) -> Persisted:
+    """The `Persisted` of a stored version (`created_at`: its resource's)."""
+    return Persisted(
+        resource_id=version.resource_id,
+        version=version.version,
+        # The version that created the resource (in its current life) was persisted then.
+        created=version.persisted_at == created_at,
+        created_at=created_at,
+        updated_at=version.persisted_at,
+    )
 
 
 def is_current_version() -> ColumnElement[bool]:
@@ -117,6 +134,23 @@ class ResourceContext(Base):
     version: Mapped[int] = mapped_column(Integer)
     records: Mapped[dict[str, Any]] = mapped_column(JSONB)
     loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    #: The workflow run that loaded it: a retried `load` of that run finds its work done.
+    run_id: Mapped[str | None] = mapped_column(Text)
+    record_count: Mapped[int | None] = mapped_column(Integer)
+
+
+class ResourceTombstone(Base):
+    """The last version of a deleted resource: versions of an id never go backwards.
+
+    A resource created again after a DELETE continues from here, so a late step of
+    its earlier life always compares as superseded.
+    """
+
+    __tablename__ = "resource_tombstones"
+
+    resource_id: Mapped[str] = mapped_column(Text, primary_key=True)
+    last_version: Mapped[int] = mapped_column(Integer)
+    deleted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
 
 
 class IdempotencyKey(Base):

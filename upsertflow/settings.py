@@ -15,11 +15,49 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Limits(BaseModel):
-    """What the API accepts; each exceeded limit is a clear 4xx."""
+    """What the API accepts, and so what one request can cost: the cost model, in one place.
 
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_depth: int = 32
-    max_info_keys: int = 200_000
+    Each is checked by the API before anything is written, and answered with a clear 4xx
+    naming it (`UPSERTFLOW_LIMITS__<NAME>`). Together they bound what the worker does with
+    the largest accepted request (the ETL of it peaks under ~300 MB) and what a `GET` returns.
+    """
+
+    max_body_bytes: int = Field(
+        default=10 * 1024 * 1024, ge=2, description="Request body, in bytes (413)."
+    )
+    max_depth: int = Field(
+        default=32, ge=2, description="Nesting of the body, which is level 1 (422)."
+    )
+    max_info_keys: int = Field(
+        default=100_000, ge=0, description="Object keys in `info`, counted at every level (422)."
+    )
+    max_records: int = Field(
+        default=100_000,
+        ge=0,
+        description="Values in `info` at every level, list items included: each scalar is a "
+        "record after flattening, each object and list is walked (422).",
+    )
+    max_key_chars: int = Field(
+        default=256, ge=1, description="Characters of one key in `info` (422)."
+    )
+    max_path_chars: int = Field(
+        default=1024,
+        ge=1,
+        description="Characters of a dotted path in `info` (its keys and list indexes joined "
+        "by dots), the path a record gets after flattening (422).",
+    )
+    max_flattened_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        ge=0,
+        description="UTF-8 bytes of `info` flattened: the sum over its records of the dotted "
+        "path and the value's JSON text, what the context stores and a `GET` returns (422).",
+    )
+    max_attributes_bytes: int = Field(
+        default=256 * 1024,
+        ge=2,
+        description="`attributes` as stored (compact JSON, UTF-8 bytes); every `GET` returns "
+        "them (422).",
+    )
 
 
 class EnrichmentRule(BaseModel):
@@ -41,6 +79,21 @@ class Enrichment(BaseModel):
     batch_size: int = 250
     request_timeout_seconds: float = 5.0
     max_connections: int = 20
+
+
+class Janitor(BaseModel):
+    """What every worker collects and repairs now and then (`upsertflow.janitor`)."""
+
+    interval_seconds: int = 600
+    #: A request's stored documents whose workflow never started (or has ended) are
+    #: released after this; never while the workflow is open.
+    claim_ttl_seconds: int = 48 * 3600
+    #: Unreferenced documents untouched for this long are deleted.
+    blob_grace_seconds: int = 3600
+    #: Step outputs of versions whose ETL ended (failed, superseded, …) are kept this long.
+    step_output_grace_seconds: int = 3600
+    #: ETL statuses in flight for this long are checked against Temporal.
+    reconcile_after_seconds: int = 60
 
 
 class Settings(BaseSettings):
@@ -75,9 +128,7 @@ class Settings(BaseSettings):
     api_port: int = 8000
     worker_metrics_port: int = 0
     worker_graceful_shutdown_seconds: float = 30.0
-    #: Stored documents that no workflow picked up are collected after this.
-    claim_ttl_seconds: int = 48 * 3600
-    janitor_interval_seconds: int = 600
+    janitor: Janitor = Janitor()
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 

@@ -1,9 +1,21 @@
-"""The ETL pipeline, declared in one place: ordered steps, each an activity with its policy.
+"""Every activity call of the workflows, with its policy, declared in one place.
+
+- `PIPELINES`: the ETL pipeline — ordered steps, each an activity with its own
+  timeouts and retry policy — by version. A running workflow keeps the version
+  it started with (recorded with `workflow.patched`), so a change here never
+  breaks it. `PIPELINE` is the newest: new workflows run it.
+- `PERSIST`, `CLAIM_ETL`, `RECORD_OUTCOME`: the calls around the pipeline.
 
 Every step takes a `StepInput` and returns a `StepResult`; it reads the output of
 the step before it (the first step reads the raw `info`) from PostgreSQL and
-stores its own. The last step loads. To add a step, write the activity and add a
-line here.
+stores its own. The last step loads.
+
+To change the pipeline — add, remove or reorder a step, or change what a step
+computes — write the activity (a method of a class in `activities/`), then add a
+new entry `N+1` to `PIPELINES` with the new list of steps, and keep the old
+entries while workflows that started on them may still run. The worker registers
+every activity the entries name. Changing only a step's timeouts or retry policy
+in place is safe for running workflows.
 """
 
 from __future__ import annotations
@@ -20,16 +32,31 @@ from activities.resources import ResourceActivities
 from upsertflow.contracts import StepInput, StepResult
 
 
-@dataclass(frozen=True)
-class Step:
-    """One ETL step: its activity and how long and how often it may try."""
+@dataclass(frozen=True, kw_only=True)
+class Call:
+    """How long and how often one activity call may try."""
 
-    name: str
-    activity: Callable[[Any, StepInput], Awaitable[StepResult]]
     start_to_close: timedelta
     retry: RetryPolicy
     schedule_to_close: timedelta | None = None
     heartbeat: timedelta | None = None
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of `workflow.execute_activity_method` for this call."""
+        return {
+            "start_to_close_timeout": self.start_to_close,
+            "schedule_to_close_timeout": self.schedule_to_close,
+            "heartbeat_timeout": self.heartbeat,
+            "retry_policy": self.retry,
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Step(Call):
+    """One ETL step: its name, its activity, and its policy."""
+
+    name: str
+    activity: Callable[[Any, StepInput], Awaitable[StepResult]]
     #: A step that is not required may fail without failing the ETL.
     required: bool = True
 
@@ -41,36 +68,65 @@ _DATABASE_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
 )
 
-PIPELINE: tuple[Step, ...] = (
-    Step(
-        "normalize",
-        ResourceActivities.normalize,
-        start_to_close=timedelta(minutes=2),
-        schedule_to_close=timedelta(hours=1),
-        retry=_DATABASE_RETRY,
-    ),
-    Step(
-        "enrich",
-        EnrichActivities.enrich,
-        # Per attempt; each HTTP request has its own, shorter timeout.
-        start_to_close=timedelta(minutes=2),
-        # The overall deadline: an outage of the service of up to this long is ridden out;
-        # past it the ETL fails, and can be retried through the API.
-        schedule_to_close=timedelta(hours=4),
-        # A dead worker is noticed within this, and another resumes from the last batch.
-        heartbeat=timedelta(seconds=10),
-        retry=RetryPolicy(
-            initial_interval=timedelta(seconds=1),
-            backoff_coefficient=2.0,
-            maximum_interval=timedelta(seconds=30),
-            non_retryable_error_types=["EnrichmentRejected"],
+#: The client was already told "accepted": persisting must outlive a PostgreSQL outage.
+_PERSIST_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=1),
+)
+
+PERSIST = Call(
+    start_to_close=timedelta(seconds=30),
+    schedule_to_close=timedelta(hours=24),
+    retry=_PERSIST_RETRY,
+)
+CLAIM_ETL = PERSIST
+RECORD_OUTCOME = PERSIST
+
+PIPELINES: dict[int, tuple[Step, ...]] = {
+    1: (
+        Step(
+            name="normalize",
+            activity=ResourceActivities.normalize,
+            start_to_close=timedelta(minutes=2),
+            schedule_to_close=timedelta(hours=1),
+            retry=_DATABASE_RETRY,
+        ),
+        Step(
+            name="enrich",
+            activity=EnrichActivities.enrich,
+            # Per attempt; each HTTP request has its own, shorter timeout.
+            start_to_close=timedelta(minutes=2),
+            # The overall deadline: an outage of the service of up to this long is ridden
+            # out; past it the ETL fails, and can be retried through the API.
+            schedule_to_close=timedelta(hours=4),
+            # A dead worker is noticed within this; another resumes from its checkpoint.
+            heartbeat=timedelta(seconds=10),
+            retry=RetryPolicy(
+                initial_interval=timedelta(seconds=1),
+                backoff_coefficient=2.0,
+                maximum_interval=timedelta(seconds=30),
+                non_retryable_error_types=["EnrichmentRejected"],
+            ),
+        ),
+        Step(
+            name="load",
+            activity=ResourceActivities.load,
+            start_to_close=timedelta(minutes=1),
+            schedule_to_close=timedelta(hours=1),
+            retry=_DATABASE_RETRY,
         ),
     ),
-    Step(
-        "load",
-        ResourceActivities.load,
-        start_to_close=timedelta(minutes=1),
-        schedule_to_close=timedelta(hours=1),
-        retry=_DATABASE_RETRY,
-    ),
+}
+
+#: The newest pipeline version: what new workflows run.
+PIPELINE_VERSION = max(PIPELINES)
+PIPELINE = PIPELINES[PIPELINE_VERSION]
+
+#: Every activity the workflows call: what a worker must register.
+ACTIVITIES: tuple[Callable[..., Any], ...] = (
+    ResourceActivities.persist,
+    ResourceActivities.claim_etl,
+    ResourceActivities.record_outcome,
+    *(step.activity for steps in PIPELINES.values() for step in steps),
 )

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from datetime import timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
 
 with workflow.unsafe.imports_passed_through():
@@ -24,16 +22,8 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
         UpsertRequest,
     )
-    from workflows import ETL_STATUS, RESOURCE_ID, RESOURCE_VERSION
-    from workflows.pipeline import PIPELINE
-
-#: Persisting must outlive a PostgreSQL outage: the client was already told "accepted".
-_PERSIST_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1),
-    backoff_coefficient=2.0,
-    maximum_interval=timedelta(minutes=1),
-)
-_PERSIST_DEADLINE = timedelta(hours=24)
+    from upsertflow.naming import ETL_STATUS, RESOURCE_ID, RESOURCE_VERSION
+    from workflows.pipeline import CLAIM_ETL, PERSIST, PIPELINES, RECORD_OUTCOME
 
 
 @workflow.defn
@@ -45,21 +35,24 @@ class UpsertWorkflow:
         self._request = request
         self._persisted: Persisted | None = None
         self._persist_error: str | None = None
+        self._steps = PIPELINES[max(PIPELINES)]
         self._progress = EtlProgress(
             resource_id=request.resource_id,
-            steps=[StepState(name=step.name) for step in PIPELINE],
+            steps=[StepState(name=step.name) for step in self._steps],
         )
 
     @workflow.run
     async def run(self, request: UpsertRequest) -> EtlProgress:
+        self._follow_pipeline(_pipeline_version())
         persisted = await self._persist(request)
         progress = self._progress
         progress.version = persisted.version
         self._set_status(EtlStatus.RUNNING)
         previous: str | None = None
-        for index, (step, state) in enumerate(zip(PIPELINE, progress.steps, strict=True)):
+        steps = self._steps
+        for index, (step, state) in enumerate(zip(steps, progress.steps, strict=True)):
             workflow.set_current_details(
-                f"Step **{step.name}** ({index + 1}/{len(PIPELINE)}) of resource "
+                f"Step **{step.name}** ({index + 1}/{len(steps)}) of resource "
                 f"`{request.resource_id}` v{persisted.version}"
             )
             state.status = StepStatus.RUNNING
@@ -73,10 +66,7 @@ class UpsertWorkflow:
                         step=step.name,
                         previous_step=previous,
                     ),
-                    start_to_close_timeout=step.start_to_close,
-                    schedule_to_close_timeout=step.schedule_to_close,
-                    heartbeat_timeout=step.heartbeat,
-                    retry_policy=step.retry,
+                    **step.options(),
                     summary=f"{step.name} {request.resource_id} v{persisted.version}",
                 )
             except (ActivityError, asyncio.CancelledError) as error:
@@ -136,12 +126,10 @@ class UpsertWorkflow:
                     f"Retrying the ETL of resource `{request.resource_id}` "
                     f"v{request.retry_of_version}"
                 )
-                persisted = await workflow.execute_activity_method(
+                persisted: Persisted = await workflow.execute_activity_method(
                     ResourceActivities.claim_etl,
                     ClaimInput(resource_id=request.resource_id, version=request.retry_of_version),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=_PERSIST_DEADLINE,
-                    retry_policy=_PERSIST_RETRY,
+                    **CLAIM_ETL.options(),
                     summary=f"claim ETL {request.resource_id} v{request.retry_of_version}",
                 )
             else:
@@ -154,9 +142,7 @@ class UpsertWorkflow:
                         attributes_digest=request.attributes_digest,
                         info_digest=request.info_digest,
                     ),
-                    start_to_close_timeout=timedelta(seconds=30),
-                    schedule_to_close_timeout=_PERSIST_DEADLINE,
-                    retry_policy=_PERSIST_RETRY,
+                    **PERSIST.options(),
                     summary=f"persist {request.resource_id}",
                 )
         except (ActivityError, asyncio.CancelledError) as error:
@@ -176,6 +162,12 @@ class UpsertWorkflow:
             ) from None
         self._persisted = persisted
         return persisted
+
+    def _follow_pipeline(self, version: int) -> None:
+        """Run the steps of pipeline `version` (the one this workflow started with)."""
+        self._steps = PIPELINES[version]
+        self._progress.pipeline_version = version
+        self._progress.steps = [StepState(name=step.name) for step in self._steps]
 
     def _record_step(self, state: StepState, outcome: str) -> None:
         """Step duration and outcome in the worker's metrics (not re-emitted on replay)."""
@@ -225,11 +217,21 @@ class UpsertWorkflow:
                 steps=self._progress.steps,
                 error=self._progress.error,
             ),
-            start_to_close_timeout=timedelta(seconds=30),
-            schedule_to_close_timeout=_PERSIST_DEADLINE,
-            retry_policy=_PERSIST_RETRY,
+            **RECORD_OUTCOME.options(),
             summary=f"record {status.value} {self._request.resource_id} v{self._progress.version}",
         )
+
+
+def _pipeline_version() -> int:
+    """The pipeline version of this run: the newest for a new run; on replay, the one it
+    started with. Each version after the first is recorded as a patch marker, so a
+    workflow that started before a version existed keeps the steps it started with.
+    """
+    versions = sorted(PIPELINES, reverse=True)
+    for version in versions[:-1]:
+        if workflow.patched(f"pipeline-v{version}"):
+            return version
+    return versions[-1]
 
 
 def _is_cancellation(error: ActivityError) -> bool:

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import uuid
 from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession
-from temporalio.client import Client
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client, WorkflowQueryFailedError, WorkflowQueryRejectedError
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -21,7 +20,7 @@ from temporalio.common import (
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from api.deps import SessionDep, SettingsDep, TemporalDep
+from api.deps import SessionDep, SessionsDep, SettingsDep, TemporalDep
 from api.observability import WORKFLOWS_STARTED, correlation_id
 from api.paths import ResourceIdPath, check_id
 from api.problems import Problem, problem_responses
@@ -30,15 +29,15 @@ from api.schemas import EtlRetryAccepted, EtlRunPublic, EtlStepPublic
 from api.upserts import temporal_unavailable, ui_url
 from upsertflow.contracts import EtlStatus, StepState, StepStatus, UpsertRequest
 from upsertflow.models import Resource, ResourceVersion, is_current_version
+from upsertflow.naming import RESOURCE_ID, etl_retry_workflow_id
+from upsertflow.reconcile import IN_FLIGHT, reconcile_version
 from upsertflow.temporal import UNREACHABLE
-from workflows import RESOURCE_ID
 from workflows.pipeline import PIPELINE
 from workflows.upsert import UpsertWorkflow
 
 router = APIRouter(prefix="/resources", tags=["etl"])
 
 _LIVE_TIMEOUT_SECONDS = 2.0
-_IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
 
 
 async def _current_version(session: AsyncSession, resource_id: str) -> ResourceVersion:
@@ -60,18 +59,23 @@ async def _current_version(session: AsyncSession, resource_id: str) -> ResourceV
     responses=problem_responses(404, 422),
 )
 async def get_etl(
-    resource_id: ResourceIdPath, session: SessionDep, client: TemporalDep, settings: SettingsDep
+    resource_id: ResourceIdPath,
+    session: SessionDep,
+    sessions: SessionsDep,
+    client: TemporalDep,
+    settings: SettingsDep,
 ) -> EtlRunPublic:
     """Each step's status, attempts, times and last error; live while the ETL runs."""
     check_id(resource_id)
     version = await _current_version(session, resource_id)
+    version = await _reconciled(sessions, client, version)
     status = EtlStatus(version.etl_status)
     error = version.etl_error
     steps = [StepState.model_validate(step) for step in version.etl_steps] or [
         StepState(name=step.name) for step in PIPELINE
     ]
     live = False
-    if status in _IN_FLIGHT:
+    if status in IN_FLIGHT:
         progress = await _live_progress(client, version.etl_workflow_id, version.etl_run_id)
         if progress is not None:
             steps, live = progress, True
@@ -88,6 +92,16 @@ async def get_etl(
     )
 
 
+async def _reconciled(
+    sessions: async_sessionmaker[AsyncSession], client: Client, version: ResourceVersion
+) -> ResourceVersion:
+    """The version with its ETL status made to agree with Temporal, if it was in flight."""
+    try:
+        return await reconcile_version(sessions, client, version)
+    except UNREACHABLE:
+        return version  # Temporal is down: say what PostgreSQL says
+
+
 async def _live_progress(client: Client, workflow_id: str, run_id: str) -> list[StepState] | None:
     """Ask the running workflow for its steps; add attempts of the activity in progress."""
     handle = client.get_workflow_handle_for(UpsertWorkflow.run, workflow_id, run_id=run_id)
@@ -95,8 +109,10 @@ async def _live_progress(client: Client, workflow_id: str, run_id: str) -> list[
         async with asyncio.timeout(_LIVE_TIMEOUT_SECONDS):
             progress = await handle.query(UpsertWorkflow.progress)
             description = await handle.describe()
-    except (TimeoutError, RPCError):
-        return None  # no worker answered, or it just ended: the database has the rest
+    except (TimeoutError, RPCError, WorkflowQueryFailedError, WorkflowQueryRejectedError):
+        # No worker answered, it just ended, or its code cannot answer (a failing
+        # workflow task): the database has the last recorded state.
+        return None
     pending: dict[str, Any] = {
         activity.activity_type.name: activity
         for activity in description.raw_description.pending_activities
@@ -119,12 +135,21 @@ async def _live_progress(client: Client, workflow_id: str, run_id: str) -> list[
     responses=problem_responses(404, 409, 422, 503),
 )
 async def retry_etl(
-    resource_id: ResourceIdPath, session: SessionDep, client: TemporalDep, settings: SettingsDep
+    resource_id: ResourceIdPath,
+    session: SessionDep,
+    sessions: SessionsDep,
+    client: TemporalDep,
+    settings: SettingsDep,
 ) -> JSONResponse:
-    """Start a new ETL run over the current version (after a failure, or a fixed dependency)."""
+    """Run the ETL of the current version again, from the start, and reload its context.
+
+    After a failure, or after an external dependency was fixed (so also after a
+    success: the context is recomputed).
+    """
     check_id(resource_id)
     version = await _current_version(session, resource_id)
-    if version.etl_status in _IN_FLIGHT:
+    version = await _reconciled(sessions, client, version)
+    if version.etl_status in IN_FLIGHT:
         raise Problem(
             409,
             "etl-running",
@@ -132,9 +157,7 @@ async def retry_etl(
             f"the ETL of {resource_id} v{version.version} is {version.etl_status}; "
             "retry it once it has ended",
         )
-    # One retry per ended run: concurrent retries of the same failure start one workflow.
-    previous = hashlib.sha256(version.etl_run_id.encode()).hexdigest()[:12]
-    workflow_id = f"etl-retry:{resource_id}:v{version.version}:{previous}"
+    workflow_id = etl_retry_workflow_id(resource_id, version.version, version.etl_run_id)
     request = UpsertRequest(
         resource_id=resource_id,
         request_id=uuid.uuid4().hex,

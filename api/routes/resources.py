@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import uuid
@@ -13,15 +14,15 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse
-from sqlalchemy import delete, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.client import Client, WorkflowFailureError
-from temporalio.service import RPCError
+from temporalio.client import Client
+from temporalio.service import RPCError, RPCStatusCode
 
 from api.body import check_content_type, parse_upsert_body, read_limited
 from api.deps import SessionDep, SessionsDep, SettingsDep, TemporalDep
 from api.idempotency import REPLAY_HEADER, Claim, check_key, claim_key, store_response, unlock_key
-from api.paths import ResourceIdPath, check_id
+from api.paths import ID_PATTERN, ResourceIdPath, check_id
 from api.problems import Problem, problem_response, problem_responses
 from api.schemas import (
     EtlRef,
@@ -31,20 +32,17 @@ from api.schemas import (
     ResourceUpsert,
     UpsertAccepted,
 )
-from api.upserts import start_upsert, store_documents, temporal_unavailable, ui_url
+from api.upserts import start_upsert, store_documents, ui_url
 from upsertflow.contracts import EtlStatus
-from upsertflow.janitor import unreferenced_blobs
-from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion, is_current_version
+from upsertflow.models import Resource, ResourceContext, ResourceVersion, is_current_version
+from upsertflow.reconcile import IN_FLIGHT, reconcile_version
 from upsertflow.settings import Settings
+from upsertflow.store.deletion import delete_resource as delete_stored
 from upsertflow.temporal import UNREACHABLE
 
 log = logging.getLogger("upsertflow.api")
 
 router = APIRouter(prefix="/resources", tags=["resources"])
-
-_IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
-#: How long DELETE waits for cancelled workflows to record that they ended.
-_CANCEL_WAIT_SECONDS = 10
 
 
 @router.put(
@@ -120,7 +118,7 @@ async def upsert_resource(
             )
         request_id = state.request_id
     try:
-        await store_documents(sessions, request_id, body.attributes, body.info)
+        await store_documents(sessions, resource_id, request_id, body.attributes, body.info)
         answer = await start_upsert(
             client,
             sessions,
@@ -204,13 +202,17 @@ def _encode_cursor(last_id: str) -> str:
 
 
 def _decode_cursor(cursor: str) -> str:
+    """The last id of the previous page; anything that is not one is a 400."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
-        return base64.b64decode(padded, altchars=b"-_", validate=True).decode()
+        last_id = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
+        last_id = ""
+    if not ID_PATTERN.fullmatch(last_id):
         raise Problem(
             400, "invalid-cursor", "Invalid cursor", "use the `next_cursor` of a previous page"
-        ) from None
+        )
+    return last_id
 
 
 @router.get(
@@ -223,16 +225,21 @@ def _decode_cursor(cursor: str) -> str:
 async def get_resource(
     resource_id: ResourceIdPath,
     session: SessionDep,
+    sessions: SessionsDep,
     client: TemporalDep,
     settings: SettingsDep,
 ) -> ResourcePublic:
     """Return the resource's latest version, its context and the state of its ETL."""
     check_id(resource_id)
-    return await load_resource(session, client, settings, resource_id)
+    return await load_resource(session, sessions, client, settings, resource_id)
 
 
 async def load_resource(
-    session: AsyncSession, client: Client, settings: Settings, resource_id: str
+    session: AsyncSession,
+    sessions: async_sessionmaker[AsyncSession],
+    client: Client,
+    settings: Settings,
+    resource_id: str,
 ) -> ResourcePublic:
     row = (
         await session.execute(
@@ -245,6 +252,9 @@ async def load_resource(
     if row is None:
         raise not_found(resource_id)
     resource, version, context = row
+    if version.etl_status in IN_FLIGHT:
+        with contextlib.suppress(*UNREACHABLE):  # Temporal down: say what PostgreSQL says
+            version = await reconcile_version(sessions, client, version)
     return ResourcePublic(
         id=resource.id,
         version=resource.version,
@@ -279,67 +289,37 @@ def not_found(resource_id: str) -> Problem:
 async def delete_resource(
     resource_id: ResourceIdPath, sessions: SessionsDep, client: TemporalDep
 ) -> Response:
-    """Cancel the resource's running workflows, then delete it, its context and stored info."""
+    """Cancel the resource's work, then delete it, its context and stored info.
+
+    Requests accepted but not persisted yet are withdrawn: none of them, and no
+    late attempt of its running work, can bring the resource back after the `204`.
+    """
     check_id(resource_id)
-    async with sessions() as session:
-        if await session.get(Resource, resource_id) is None:
-            raise not_found(resource_id)
-    try:
-        await _cancel_running(client, sessions, resource_id)
-    except UNREACHABLE as error:
-        raise temporal_unavailable(error) from None
-    async with sessions.begin() as session:
-        digests = (
-            await session.scalars(
-                select(ResourceVersion.blob_digest).where(
-                    ResourceVersion.resource_id == resource_id
-                )
-            )
-        ).all()
-        await session.execute(delete(Resource).where(Resource.id == resource_id))
-        # Its stored info goes too, unless another resource refers to the same content.
-        await session.execute(
-            unreferenced_blobs(
-                delete(Blob).where(Blob.digest.in_(set(digests))), timedelta(minutes=1)
-            )
-        )
-    log.info("resource deleted", extra={"resource_id": resource_id})
+    deleted = await delete_stored(sessions, resource_id, timedelta(minutes=1))
+    if not deleted.found:
+        raise not_found(resource_id)
+    # Nothing that is cancelled here can write any more (fenced in PostgreSQL): the
+    # cancellations only stop the work early, so they run together and nobody waits.
+    outcomes = await asyncio.gather(
+        *(_cancel(client, workflow_id) for workflow_id in deleted.workflow_ids),
+        return_exceptions=True,
+    )
+    failed = sum(1 for outcome in outcomes if isinstance(outcome, BaseException))
+    log.info(
+        "resource deleted",
+        extra={
+            "resource_id": resource_id,
+            "workflows_cancelled": len(outcomes) - failed,
+            "workflows_not_reached": failed,
+        },
+    )
     return Response(status_code=204)
 
 
-async def _cancel_running(
-    client: Client, sessions: async_sessionmaker[AsyncSession], resource_id: str
-) -> None:
-    """Cancel every running workflow of the resource and wait until they have ended."""
-    async with sessions() as session:
-        recorded = set(
-            (
-                await session.scalars(
-                    select(ResourceVersion.etl_workflow_id).where(
-                        ResourceVersion.resource_id == resource_id,
-                        ResourceVersion.etl_status.in_(_IN_FLIGHT),
-                    )
-                )
-            ).all()
-        )
-    # Workflows that have not persisted yet are only known to Temporal.
-    running = {
-        execution.id
-        async for execution in client.list_workflows(
-            f'ResourceId="{resource_id}" AND ExecutionStatus="Running"'
-        )
-    }
-    handles = [client.get_workflow_handle(workflow_id) for workflow_id in recorded | running]
-    for handle in handles:
-        try:
-            await handle.cancel()
-        except RPCError:
-            pass  # it ended in the meantime
-    for handle in handles:
-        try:
-            async with asyncio.timeout(_CANCEL_WAIT_SECONDS):
-                await handle.result()
-        except TimeoutError:
-            log.warning("workflow %s is still cancelling", handle.id)
-        except (WorkflowFailureError, RPCError):
-            pass  # ended cancelled (or failed): what we waited for
+async def _cancel(client: Client, workflow_id: str) -> None:
+    """Ask a workflow to cancel; one that has ended (or never started) needs nothing."""
+    try:
+        await client.get_workflow_handle(workflow_id).cancel()
+    except RPCError as error:
+        if error.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
+            raise

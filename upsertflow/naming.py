@@ -1,0 +1,39 @@
+"""What upsertflow's workflows are called in Temporal: ids and search attributes.
+
+Workflow ids say what they are about, and hold no resource data beyond the id
+(Temporal stores ids and search attributes unencrypted):
+
+- `upsert:{resource_id}:{request_id}` — the workflow that applies one upsert
+  request (the request id is a UUID in hex);
+- `etl-retry:{resource_id}:v{version}:{run}` — a retry of the ETL of a version,
+  one per ended run (`run`: a short hash of the run id it retries).
+
+The resource id is limited to `[A-Za-z0-9._~-]`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from temporalio.common import SearchAttributeKey
+
+RESOURCE_ID = SearchAttributeKey.for_keyword("ResourceId")
+RESOURCE_VERSION = SearchAttributeKey.for_int("ResourceVersion")
+ETL_STATUS = SearchAttributeKey.for_keyword("EtlStatus")
+
+#: name=type pairs, as `temporal server start-dev --search-attribute` takes them.
+SEARCH_ATTRIBUTES = {"ResourceId": "Keyword", "ResourceVersion": "Int", "EtlStatus": "Keyword"}
+
+
+def upsert_workflow_id(resource_id: str, request_id: str) -> str:
+    """Return the id of the workflow that applies one upsert request."""
+    return f"upsert:{resource_id}:{request_id}"
+
+
+def etl_retry_workflow_id(resource_id: str, version: int, retried_run_id: str) -> str:
+    """Return the id of the workflow retrying the ETL run `retried_run_id` of a version.
+
+    One per ended run: concurrent retries of the same run start one workflow.
+    """
+    run = hashlib.sha256(retried_run_id.encode()).hexdigest()[:12]
+    return f"etl-retry:{resource_id}:v{version}:{run}"
