@@ -17,9 +17,10 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Limits(BaseModel):
     """What the API accepts, and so what one request can cost: the cost model, in one place.
 
-    Each is checked by the API before anything is written, and answered with a clear 4xx
-    naming it (`UPSERTFLOW_LIMITS__<NAME>`). Together they bound what the worker does with
-    the largest accepted request (the ETL of it peaks under ~300 MB) and what a `GET` returns.
+    Each is checked by the API (`api.body`) before anything is written, and answered with
+    a clear 4xx naming it (`UPSERTFLOW_LIMITS__<NAME>`). The defaults bound what the largest
+    accepted request costs: its ETL keeps a worker near 200 MB (under ~300 MB), its context
+    is read by a `GET` in well under a second. Raising one raises those costs with it.
     """
 
     max_body_bytes: int = Field(
@@ -49,8 +50,9 @@ class Limits(BaseModel):
     max_flattened_bytes: int = Field(
         default=16 * 1024 * 1024,
         ge=0,
-        description="UTF-8 bytes of `info` flattened: the sum over its records of the dotted "
-        "path and the value's JSON text, what the context stores and a `GET` returns (422).",
+        description="UTF-8 bytes of `info` flattened: the sum over its scalars of the dotted "
+        "path and the value (a string's own bytes, any other value's JSON text), what the "
+        "context stores and a `GET` returns (422).",
     )
     max_attributes_bytes: int = Field(
         default=256 * 1024,
