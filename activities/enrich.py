@@ -8,28 +8,47 @@ PostgreSQL, one row per batch, so checkpointing stays linear in the number of
 batches) and heartbeats its progress, so a retried attempt — after a crash, a
 timeout or a 5xx — asks only for the batches not answered yet instead of
 starting over. A 4xx answer cannot succeed on
-retry: it fails the step at once with the service's message.
+retry: it fails the step at once.
+
+Failures say what happened (the status, how it is handled, at most the short
+`title` of a problem+json answer) and never quote the service's answer: it can
+echo the values sent. A retryable answer's `Retry-After` is honoured, but never
+sooner than the step's declared backoff and never longer than
+`MAX_RETRY_AFTER` (`retry_delay`). An answer of 2xx that is not the expected
+JSON fails the attempt as `EnrichmentBadAnswer`, retryable: the request was
+fine, the service's answer was not (like a 5xx).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
 from typing import Any
 
 import httpx
 from temporalio import activity
+from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 from activities.resources import superseded_result
 from activities.steps import StepStore
 from upsertflow.contracts import StepInput, StepResult
+from upsertflow.logs import bounded
 from upsertflow.settings import Enrichment
 
 #: 4xx answers that are worth retrying: the request itself was fine.
 _RETRYABLE_CLIENT_ERRORS = {408, 409, 425, 429}
+#: The longest wait one `Retry-After` can impose before the next attempt.
+MAX_RETRY_AFTER = timedelta(minutes=5)
+#: Longest `title` of a problem+json error answer quoted in a failure.
+_TITLE_LIMIT = 80
+#: Error bodies longer than this are not parsed for a title.
+_MAX_PARSED_ERROR_BODY = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -116,17 +135,18 @@ class EnrichActivities:
             ) from error
         except httpx.TransportError as error:
             _count_call("unreachable")
+            reason = bounded(str(error), 120)
             raise ApplicationError(
-                f"the enrichment service is unreachable: {error!r}", type="EnrichmentUnavailable"
+                f"the enrichment service is unreachable: {type(error).__name__}"
+                + (f" ({reason})" if reason else ""),
+                type="EnrichmentUnavailable",
             ) from error
         _count_call(str(response.status_code))
-        if response.status_code >= 400:
-            raise _failure(response)
-        merged: dict[str, Any] = {}
-        for result in response.json()["results"]:
-            for field, value in result.get("fields", {}).items():
-                merged[f"{result['key']}.{field}"] = value
-        return merged
+        if not 200 <= response.status_code < 300:
+            info = activity.info()
+            sent = [item["value"] for item in batch]
+            raise _failure(response, info.attempt, info.retry_policy, sent)
+        return _answers(response, batch)
 
 
 def _count_call(outcome: str) -> None:
@@ -136,16 +156,152 @@ def _count_call(outcome: str) -> None:
     ).add(1, {"status": outcome})
 
 
-def _failure(response: httpx.Response) -> ApplicationError:
-    """Turn an error answer into a failure a person can act on, retryable or not."""
+def _answers(response: httpx.Response, batch: list[dict[str, str]]) -> dict[str, Any]:
+    """Return the fields to merge from a 2xx answer; raise `EnrichmentBadAnswer` if malformed."""
     try:
-        detail = response.json().get("detail") or response.text
+        body = response.json()
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested
+        raise _bad_answer(response, "its body is not JSON") from None
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list):
+        raise _bad_answer(response, "it has no `results` list")
+    asked = {item["key"] for item in batch}
+    merged: dict[str, Any] = {}
+    for index, result in enumerate(results):
+        key = result.get("key") if isinstance(result, dict) else None
+        if not isinstance(key, str) or key not in asked:
+            raise _bad_answer(response, f"result {index} is not an answer to a key that was sent")
+        fields = result.get("fields") or {}
+        if not isinstance(fields, dict):
+            raise _bad_answer(response, f"the `fields` of result {index} are not an object")
+        for field, value in fields.items():
+            merged[f"{key}.{field}"] = value
+    return merged
+
+
+def _bad_answer(response: httpx.Response, reason: str) -> ApplicationError:
+    return ApplicationError(
+        f"the enrichment service answered {_status(response.status_code)} but {reason}; retried",
+        type="EnrichmentBadAnswer",
+    )
+
+
+def _status(code: int) -> str:
+    """`503 Service Unavailable`: the standard phrase, not the one the server sent."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
     except ValueError:
-        detail = response.text
-    message = f"the enrichment service answered {response.status_code}: {detail[:500]}"
+        return str(code)
+
+
+def _problem_title(response: httpx.Response, sent: Iterable[str]) -> str | None:
+    """The `title` of a problem+json (or JSON) error answer, bounded; None for any other body,
+    and for a title that quotes a value that was sent."""
+    content_type = response.headers.get("content-type", "").lower()
+    if "json" not in content_type or len(response.content) > _MAX_PARSED_ERROR_BODY:
+        return None
+    try:
+        body = response.json()
+    except (ValueError, RecursionError):
+        return None
+    title = body.get("title") if isinstance(body, dict) else None
+    if not isinstance(title, str):
+        return None
+    folded = title.casefold()
+    if any(len(value) >= 4 and value.casefold() in folded for value in sent):
+        return None
+    return bounded(title, _TITLE_LIMIT) or None
+
+
+def _failure(
+    response: httpx.Response,
+    attempt: int = 1,
+    policy: RetryPolicy | None = None,
+    sent: Iterable[str] = (),
+) -> ApplicationError:
+    """Turn an error answer into a failure a person can act on, retryable or not.
+
+    The message says the status, how it is handled and at most the answer's short
+    problem `title` (unless it quotes one of the values `sent`): never its body,
+    which can quote the values that were sent.
+    """
     status = response.status_code
+    title = _problem_title(response, sent)
+    said = f' ("{title}")' if title else ""
     if 400 <= status < 500 and status not in _RETRYABLE_CLIENT_ERRORS:
-        return ApplicationError(message, type="EnrichmentRejected", non_retryable=True)
-    retry_after = response.headers.get("retry-after", "")
-    delay = timedelta(seconds=int(retry_after)) if retry_after.isdigit() else None
-    return ApplicationError(message, type="EnrichmentUnavailable", next_retry_delay=delay)
+        return ApplicationError(
+            f"the enrichment service rejected the request: {_status(status)}{said}; "
+            "not retried (the same request would be rejected again)",
+            type="EnrichmentRejected",
+            non_retryable=True,
+        )
+    header = response.headers.get("retry-after")
+    delay = retry_delay(header, attempt, policy)
+    if status < 400:
+        kind = "an unexpected status"
+    elif status < 500:
+        kind = "a transient refusal"
+    else:
+        kind = "a server error"
+    when = f"; next attempt in {delay.total_seconds():g} s" if delay else "; retried"
+    return ApplicationError(
+        f"the enrichment service answered {_status(status)}{said}: {kind}{when}",
+        type="EnrichmentUnavailable",
+        next_retry_delay=delay,
+    )
+
+
+def declared_backoff(policy: RetryPolicy | None, attempt: int) -> timedelta:
+    """The delay Temporal's retry policy sets after failed attempt `attempt` (1-based).
+
+    `initial_interval × backoff_coefficient^(attempt-1)`, at most `maximum_interval`
+    (Temporal's default: 100 × the initial interval). Zero without a policy.
+    """
+    if policy is None:
+        return timedelta(0)
+    initial = policy.initial_interval or timedelta(seconds=1)
+    maximum = policy.maximum_interval or initial * 100
+    exponent = min(max(attempt - 1, 0), 1000)
+    try:
+        seconds = initial.total_seconds() * policy.backoff_coefficient**exponent
+    except OverflowError:
+        seconds = math.inf
+    return maximum if seconds >= maximum.total_seconds() else timedelta(seconds=seconds)
+
+
+def _retry_after_seconds(header: str | None, now: datetime | None = None) -> float | None:
+    """`Retry-After` in seconds (delay-seconds or an HTTP date); None if absent or unusable."""
+    if header is None:
+        return None
+    value = header.strip()
+    if value.isascii() and value.isdigit():
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max((when - (now or datetime.now(UTC))).total_seconds(), 0.0)
+
+
+def retry_delay(
+    header: str | None,
+    attempt: int,
+    policy: RetryPolicy | None,
+    *,
+    now: datetime | None = None,
+) -> timedelta | None:
+    """The delay before the next attempt, given the answer's `Retry-After` header.
+
+    The rule: honour `Retry-After`, but never sooner than the declared backoff of
+    this attempt (the service's `Retry-After: 1` must not turn a 1 s, 2 s, 4 s …
+    30 s backoff into retries every second), and never longer than `MAX_RETRY_AFTER`
+    (a huge or far-future value must not park the step; its overall deadline still
+    applies). None without a usable header: Temporal then applies the declared backoff.
+    """
+    seconds = _retry_after_seconds(header, now)
+    if seconds is None:
+        return None
+    asked = timedelta(seconds=min(seconds, MAX_RETRY_AFTER.total_seconds()))
+    return max(asked, declared_backoff(policy, attempt))

@@ -5,11 +5,20 @@
 - Temporal's `ActivityError` does not carry the attempt number, yet the ETL's
   step-by-step state shows it: every failure leaving an activity is re-raised as
   an `ApplicationError` with `{"attempt": n}` as its last detail; its type,
-  message, retryability and retry delay are kept.
+  retryability and retry delay are kept.
+- No payload data in failures: a failure's message travels into the Temporal
+  history, the worker's log and `GET /resources/{id}/etl`. So the message is
+  bounded (`upsertflow.logs.describe_exception`: one line, at most 300 characters);
+  an unexpected exception is described by its type and first line, a database
+  error by its driver exception class and SQLSTATE only (never its SQL or the
+  values it refused). The original exception is not chained into the failure
+  (Temporal would serialize its full text as the cause); at DEBUG it is logged,
+  with a plain traceback.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import structlog
@@ -20,6 +29,10 @@ from temporalio.worker import (
     ExecuteActivityInput,
     Interceptor,
 )
+
+from upsertflow.logs import bounded, describe_exception
+
+log = logging.getLogger("upsertflow.activities")
 
 
 class _ReportAttempt(ActivityInboundInterceptor):
@@ -41,21 +54,33 @@ class _ReportAttempt(ActivityInboundInterceptor):
         except CancelledError:
             raise
         except ApplicationError as error:
+            _log_cause(error)
+            _, message = describe_exception(error)
             raise ApplicationError(
-                error.message,
+                message,
                 *error.details,
                 {"attempt": activity.info().attempt},
                 type=error.type,
                 non_retryable=error.non_retryable,
                 next_retry_delay=error.next_retry_delay,
                 category=error.category,
-            ) from error
+            ) from None
         except Exception as error:
+            _log_cause(error)
+            error_type, message = describe_exception(error)
+            if not message.startswith(error_type):
+                message = bounded(f"{error_type}: {message}")
             raise ApplicationError(
-                str(error) or repr(error),
+                message,
                 {"attempt": activity.info().attempt},
-                type=type(error).__name__,
-            ) from error
+                type=error_type,
+            ) from None
+
+
+def _log_cause(error: BaseException) -> None:
+    """At DEBUG, log the original exception (with a plain traceback, see `upsertflow.logs`)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("activity attempt failed", exc_info=error)
 
 
 class AttemptInterceptor(Interceptor):

@@ -17,6 +17,9 @@ def main() -> None:
         host=settings.api_host,
         port=settings.api_port,
         log_config=None,
+        # One access-log line per request: ours (`upsertflow.api.access`), with the
+        # correlation id and the route, and without the query string.
+        access_log=False,
         proxy_headers=True,
     )
 

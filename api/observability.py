@@ -43,6 +43,15 @@ WORKFLOWS_STARTED = Counter(
 )
 
 
+_MAX_LOGGED_PATH = 200
+
+
+def _bounded_path(path: str) -> str:
+    """The path as logged: printable, at most `_MAX_LOGGED_PATH` characters."""
+    path = "".join(c if c.isprintable() else "?" for c in path[: _MAX_LOGGED_PATH + 1])
+    return path if len(path) <= _MAX_LOGGED_PATH else path[:_MAX_LOGGED_PATH] + "…"
+
+
 class ObservabilityMiddleware:
     """Count and time requests by route; give each one a correlation id."""
 
@@ -81,11 +90,16 @@ class ObservabilityMiddleware:
                 method = scope["method"]
                 REQUESTS.labels(method, template, str(status)).inc()
                 LATENCY.labels(method, template).observe(elapsed)
+                # The path, never the query string (it can carry data); `route` is the template.
                 log.info(
                     "%s %s %s",
                     method,
-                    scope["path"],
+                    _bounded_path(scope["path"]),
                     status,
-                    extra={"status": status, "duration_ms": round(elapsed * 1000, 1)},
+                    extra={
+                        "status": status,
+                        "route": template,
+                        "duration_ms": round(elapsed * 1000, 1),
+                    },
                 )
                 correlation_id.reset(token)

@@ -2,10 +2,17 @@
 
 Create them inside the event loop that uses them (the API's lifespan, the
 worker's `main`): asyncpg connections belong to one loop.
+
+The engine hides bound parameters (`hide_parameters=True`): a database error's
+text then carries no value of a resource, wherever it ends up (a log line, an
+activity failure, a Temporal history). The URL's password is never in an error
+or a log line: `safe_url` is the URL to show.
 """
 
 from __future__ import annotations
 
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -22,12 +29,29 @@ def create_engine(settings: Settings) -> AsyncEngine:
         raise RuntimeError(
             "DATABASE_URL is not set: point it at PostgreSQL, or run `make dev` for an embedded one"
         )
+    try:
+        url = make_url(settings.database_url)
+    except ArgumentError:
+        # SQLAlchemy's message quotes the whole URL, password included.
+        raise RuntimeError(
+            "DATABASE_URL is not a valid SQLAlchemy URL "
+            "(expected postgresql+asyncpg://user:password@host:port/database)"
+        ) from None
     return create_async_engine(
-        settings.database_url,
+        url,
+        hide_parameters=True,
         pool_pre_ping=True,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
     )
+
+
+def safe_url(database_url: str) -> str:
+    """The database URL without its password, to log or show."""
+    try:
+        return make_url(database_url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(invalid URL)"
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
