@@ -2,7 +2,8 @@
 
 import math
 import sys
-from collections import Counter
+import unicodedata
+from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
@@ -11,6 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from upsertflow.normalize import (
+    MAX_COLLISION_SOURCES,
+    MAX_COLLISIONS,
     Collision,
     JsonScalar,
     Normalized,
@@ -72,8 +75,40 @@ def test_dotted_raw_key_is_the_same_as_nesting() -> None:
     assert normalize_info({"Address.City": "Paris"}).records == {"address.city": "Paris"}
 
 
-def test_empty_dotted_segments_become_underscore() -> None:
-    assert normalize_info({"a..b": 1, ".x": 2, "": 3}).records == {"a._.b": 1, "_.x": 2, "_": 3}
+def test_empty_segments_are_left_out_of_the_path() -> None:
+    result = normalize_info(
+        {
+            "a..b": 1,
+            ".x": 2,
+            "y.": 3,
+            "Invoice No.": 4,
+            "p": {"": 5, "q": {"  ": {"r": 6}}, "!!!": {"s": 7}},
+            "": 8,
+        }
+    )
+    assert result.records == {
+        "a.b": 1,
+        "x": 2,
+        "y": 3,
+        "invoice_no": 4,
+        "p": 5,
+        "p.q.r": 6,
+        "p.s": 7,
+        "_": 8,
+    }
+
+
+def test_an_empty_key_equals_its_nesting() -> None:
+    assert normalize_info({"a.": 1}) == normalize_info({"a": {"": 1}})
+    assert normalize_info({"a..b": 1}) == normalize_info({"a": {"": {"b": 1}}})
+    assert normalize_info({".": 1}) == normalize_info({"": {"": 1}})
+
+
+@pytest.mark.parametrize("key", ["", "   ", ".", "..", " . ", "_", "__", "!!!", "\u3000", "._."])
+def test_a_key_with_no_segment_left_is_underscore(key: str) -> None:
+    assert normalize_key(key) == "_"
+    assert normalize_info({key: 1}).records == {"_": 1}
+    assert normalize_info({"a": {key: 1}}).records == {"a": 1}
 
 
 def test_normalize_is_idempotent_on_its_own_output() -> None:
@@ -128,6 +163,41 @@ def test_deep_nesting_does_not_hit_the_recursion_limit() -> None:
 def test_normalize_key(raw: str, expected: str) -> None:
     assert normalize_key(raw) == expected
     assert normalize_key(expected) == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("cafe\u0301", "café"),  # decomposed (NFD)
+        ("caf\u00e9", "café"),  # composed (NFC)
+        ("CAFE\u0301", "café"),
+        ("Cafe\u0301Name", "café_name"),
+        ("\uff2e\uff41\uff4d\uff45", "name"),  # full-width Ｎａｍｅ
+        ("\ufb01eld", "field"),  # ligature ﬁ
+        ("x\u00b2", "x2"),  # superscript two
+        ("a\u00a0b", "a_b"),  # no-break space
+        ("\u210cello", "hello"),  # ℌ
+        ("\uff21ddress\uff0e\uff23ity", "address.city"),  # full-width dot is a dot
+        ("हिन्दी", "हिन्दी"),  # combining vowel signs are kept
+        ("q\u0301Name", "q\u0301_name"),  # no precomposed form: the mark is kept
+        ("\u0130\u0316", "i\u0316\u0307"),  # lowercasing İ undoes NFKC: normalized again
+        ("a-\u0301-b", "a_b"),  # a mark after punctuation is punctuation
+        ("Address.City", "address.city"),
+        ("a..b", "a.b"),
+        ("Invoice No.", "invoice_no"),
+    ],
+)
+def test_normalize_key_unicode_and_dots(raw: str, expected: str) -> None:
+    assert normalize_key(raw) == expected
+    assert normalize_key(expected) == expected
+    assert normalize_info({raw: 1}).records == {expected: 1}
+
+
+def test_composed_and_decomposed_keys_are_the_same_key() -> None:
+    result = normalize_info({"Caf\u00e9": "first", "cafe\u0301": "second", "CAFÉ": {}})
+    assert result.records == {"café": "first"}
+    assert result.lost == 1
+    assert result.collisions == (Collision(path="café", sources=("Caf\u00e9", "cafe\u0301")),)
 
 
 # --- rule 3: values -----------------------------------------------------------------------------
@@ -261,6 +331,61 @@ def test_dotted_key_collides_with_nested_key() -> None:
     assert result.collisions == (Collision(path="a.b", sources=("a.b", "A.B")),)
 
 
+def test_collisions_from_the_issue() -> None:
+    info = {"Foo Bar": 1, "foo_bar": 2, "FooBar": 3, "foo-bar": 4, " foo bar ": 5}
+    result = normalize_info({**info, "a.b": 6, "a": {"b": 7}})
+    assert result.records == {"foo_bar": 1, "a.b": 6}
+    assert result.lost == 5
+    assert result.collided_paths == 2
+    assert result.collisions == (
+        Collision(path="foo_bar", sources=("Foo Bar", "foo_bar", "FooBar", "foo-bar", " foo bar ")),
+        Collision(path="a.b", sources=("a.b", "a.b")),
+    )
+    assert [c.lost for c in result.collisions] == [4, 1]
+    assert len(result.records) + result.lost + len(result.dropped) == 7
+
+
+@pytest.mark.parametrize(
+    ("info", "winner"),
+    [
+        ({"a.b": 1, "a": {"b": 2}}, 1),
+        ({"a": {"b": 2}, "a.b": 1}, 2),
+        ({"A": {"B": 1}, "a": {"b": 2}, "a.b": 3}, 1),
+        ({"a": [{"b": 1}], "a.0.b": 2, "a.0": {"b": 3}}, 1),
+        ({"x": {"a.b": 1}, "x.a": {"b": 2}}, 1),
+        ({"a": {"": 1}, "a.": 2, "A": 3}, 1),
+    ],
+)
+def test_first_leaf_in_input_order_wins_whatever_its_form(
+    info: dict[str, Any], winner: int
+) -> None:
+    result = normalize_info(info)
+    assert list(result.records.values()) == [winner]
+    assert result.lost == len(leaves(info)) - 1
+    assert result.collided_paths == 1
+
+
+def test_collision_details_are_bounded_and_the_counts_exact() -> None:
+    parent = "P" * 1000
+    many = {" " * i + "Key": i for i in range(3000)}  # 3000 spellings of one key
+    pairs = {f"{prefix}{i}": i for i in range(250) for prefix in ("K", "k")}
+    result = normalize_info({parent: many, **pairs})
+    assert len(result.records) == 1 + 250
+    assert result.records["p" * 1000 + ".key"] == 0
+    assert result.lost == 2999 + 250
+    assert result.collided_paths == 1 + 250
+    assert len(result.collisions) == MAX_COLLISIONS == 100
+    first = result.collisions[0]
+    assert first.path == "p" * 1000 + ".key"
+    assert first.sources == tuple(f"{parent}.{' ' * i}Key" for i in range(MAX_COLLISION_SOURCES))
+    assert first.lost == 2999
+    assert [c.path for c in result.collisions[1:]] == [f"k{i}" for i in range(99)]
+    assert all(
+        c.sources == (f"K{i}", f"k{i}") and c.lost == 1 for i, c in enumerate(result.collisions[1:])
+    )
+    assert len(result.records) + result.lost + len(result.dropped) == 3000 + 500
+
+
 def test_dropped_values_do_not_claim_a_path() -> None:
     result = normalize_info({"First Name": "", "first_name": "Bob"})
     assert result.records == {"first_name": "Bob"}
@@ -314,10 +439,13 @@ KEYS = st.one_of(
         [
             *("First Name", "first_name", "firstName", "HTTPServer", "Address", "a.b", "a", "b"),
             *("A", " City ", "", ".", "x..y", "tags", "0", "1", "e-mail", "ÉcoleName", "İd"),
+            *("a.", ".a", "_", "  ", "Invoice No.", "\uff41", "a\uff0eb", "\ufb01", "x\u00b2"),
+            *("caf\u00e9", "cafe\u0301", "CAFE\u0301", "\u0301", "q\u0301", "हिन्दी"),
+            "\u0130\u0316",  # lowercase is not NFKC without a second pass
             "\u2102x",  # upper case without a lower case form
         ]
     ),
-    st.text(st.sampled_from("aAbB zZ_-.0é"), max_size=6),
+    st.text(st.sampled_from("aAbB zZ_-.0é\u0301\u0308\uff0e\u3000İß"), max_size=6),
     st.text(max_size=4),
 )
 
@@ -354,25 +482,55 @@ JSON_VALUES = st.recursive(
     max_leaves=25,
 )
 JSON_OBJECTS = st.dictionaries(KEYS, JSON_VALUES, max_size=6)
+# Anything json.loads can return as an object: any keys, any ints, any strings.
+ANY_JSON_OBJECTS = st.dictionaries(
+    st.text(max_size=10),
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(max_size=10),
+        lambda children: (
+            st.lists(children, max_size=4)
+            | st.dictionaries(st.text(max_size=10), children, max_size=4)
+        ),
+        max_leaves=25,
+    ),
+    max_size=6,
+)
 
 
-def leaves(node: Any, raw: str = "", norm: str = "") -> list[tuple[str, str, Any]]:
-    """(raw dotted path, normalized dotted path, value) of every leaf, in input order."""
+def leaves(node: Any, raw: str = "", norm: tuple[str, ...] = ()) -> list[tuple[str, str, Any]]:
+    """(raw dotted path, normalized dotted path, value) of every leaf, in input order.
+
+    An independent statement of rules 1 and 2c: the path is the normalized segments of
+    all the keys on the way, empty ones ("_") left out, or "_" if none is left.
+    """
     if isinstance(node, dict):
         pairs = list(node.items())
     elif isinstance(node, list):
         pairs = [(str(index), item) for index, item in enumerate(node)]
     else:
-        return [(raw[:-1], norm[:-1], node)]
+        return [(raw[:-1], ".".join(norm) or "_", node)]
     found: list[tuple[str, str, Any]] = []
     for key, value in pairs:
-        segments = ".".join(normalize_key(segment) for segment in key.split("."))
-        found += leaves(value, f"{raw}{key}.", f"{norm}{segments}.")
+        segments = tuple(s for s in normalize_key(key).split(".") if s != "_")
+        found += leaves(value, f"{raw}{key}.", norm + segments)
     return found
 
 
 def expected_value(value: Any) -> JsonScalar | None:
     return coerce_value(value) if isinstance(value, str) else value
+
+
+def assert_every_leaf_accounted_for(info: dict[str, Any], result: Normalized) -> None:
+    assert len(result.records) + result.lost + len(result.dropped) == len(leaves(info))
+    assert result.collided_paths >= len(result.collisions)
+    assert len(result.collisions) <= MAX_COLLISIONS
+    assert all(2 <= len(c.sources) <= MAX_COLLISION_SOURCES for c in result.collisions)
+    if result.collided_paths == len(result.collisions):
+        assert result.lost == sum(c.lost for c in result.collisions)
 
 
 @PROPERTY_SETTINGS
@@ -383,6 +541,7 @@ def test_property_idempotent(info: dict[str, Any]) -> None:
     assert typed(second.records) == typed(first.records)
     assert second.dropped == ()
     assert second.collisions == ()
+    assert second.lost == second.collided_paths == 0
     assert normalize_info(info) == first  # deterministic
 
 
@@ -392,24 +551,96 @@ def test_property_every_leaf_is_kept_collided_or_dropped(info: dict[str, Any]) -
     result = normalize_info(info)
     kept: dict[str, list[tuple[str, JsonScalar]]] = {}
     empty: list[str] = []
+    detected: list[str] = []  # collided paths, in the order their first loser appears
     for raw, norm, value in leaves(info):
         coerced = expected_value(value)
         if coerced is None:
             empty.append(raw)
-        else:
-            kept.setdefault(norm, []).append((raw, coerced))
+            continue
+        group = kept.setdefault(norm, [])
+        group.append((raw, coerced))
+        if len(group) == 2:
+            detected.append(norm)
 
-    assert Counter(result.dropped) == Counter(empty)
+    assert result.dropped == tuple(empty)
     assert list(result.records) == list(kept)
-    for path, group in kept.items():
+    for path, group in kept.items():  # the first leaf in input order wins
         _, first_value = group[0]
         assert type(result.records[path]) is type(first_value)
         assert result.records[path] == first_value
-    collisions = {collision.path: collision.sources for collision in result.collisions}
-    assert len(collisions) == len(result.collisions)
-    assert collisions == {
-        path: tuple(raw for raw, _ in group) for path, group in kept.items() if len(group) > 1
-    }
+    assert result.lost == sum(len(group) - 1 for group in kept.values())
+    assert result.collided_paths == len(detected)
+    assert result.collisions == tuple(
+        Collision(
+            path=path,
+            sources=tuple(raw for raw, _ in kept[path][:MAX_COLLISION_SOURCES]),
+            lost=len(kept[path]) - 1,
+        )
+        for path in detected[:MAX_COLLISIONS]
+    )
+    assert_every_leaf_accounted_for(info, result)
+
+
+SEGMENTS = st.lists(
+    st.sampled_from(["a", "B", "Foo Bar", "fooBar", "x1", "0", "café", "cafe\u0301", "", "."]),
+    min_size=1,
+    max_size=4,
+)
+FORMS = st.lists(st.booleans(), min_size=4, max_size=4)  # nest (or dot) before segment i?
+SPELLINGS = st.lists(  # spell segment i differently in the second leaf?
+    st.sampled_from([str, lambda s: f" {s} ", lambda s: unicodedata.normalize("NFD", s)]),
+    min_size=4,
+    max_size=4,
+)
+
+
+def build(segments: list[str], nest_before: list[bool], value: str) -> tuple[str, Any]:
+    """The top key and its value for a one-leaf path, written with nested maps or dots."""
+    keys: list[str] = [segments[0]]
+    for segment, nest in zip(segments[1:], nest_before, strict=False):
+        if nest:
+            keys.append(segment)
+        else:
+            keys[-1] += "." + segment
+    node: Any = value
+    for key in reversed(keys[1:]):
+        node = {key: node}
+    return keys[0], node
+
+
+@PROPERTY_SETTINGS
+@given(SEGMENTS, FORMS, FORMS, SPELLINGS, st.booleans())
+def test_property_first_wins_whatever_the_form(
+    segments: list[str],
+    form1: list[bool],
+    form2: list[bool],
+    spellings: list[Callable[[str], str]],
+    swap: bool,
+) -> None:
+    """Two leaves at one normalized path, however written: the first one keeps it."""
+    respelled = [spell(segment) for spell, segment in zip(spellings, segments, strict=False)]
+    respelled[0] = f" {respelled[0]}"  # so that the two top keys differ
+    entries = [build(segments, form1, "one"), build(respelled, form2, "two")]
+    if swap:
+        entries.reverse()
+    result = normalize_info(dict(entries))
+    assert result.lost == result.collided_paths == 1
+    ((path, kept),) = result.records.items()
+    assert kept == ("two" if swap else "one")
+    (collision,) = result.collisions
+    assert collision.path == path
+    assert collision.lost == 1
+    assert len(collision.sources) == 2
+
+
+@PROPERTY_SETTINGS
+@given(ANY_JSON_OBJECTS)
+def test_property_any_json_object_is_accepted_and_accounted_for(info: dict[str, Any]) -> None:
+    result = normalize_info(info)
+    assert_every_leaf_accounted_for(info, result)
+    again = normalize_info(result.records)
+    assert typed(again.records) == typed(result.records)
+    assert again.lost == 0 and again.dropped == ()
 
 
 @PROPERTY_SETTINGS
@@ -427,18 +658,45 @@ def test_property_records_are_json_scalars(info: dict[str, Any]) -> None:
             assert -(2**53) <= value <= 2**53
 
 
+def is_word(segment: str, index: int) -> bool:
+    char = segment[index]
+    if char.isalnum() or char == "_":
+        return True
+    # a combining mark is only kept right after a letter, a digit or another kept mark
+    return (
+        unicodedata.category(char)[0] == "M"
+        and index > 0
+        and segment[index - 1] != "_"
+        and is_word(segment, index - 1)
+    )
+
+
 @PROPERTY_SETTINGS
-@given(st.text(max_size=12))
+@given(KEYS | st.text(max_size=12))
 def test_property_normalize_key_shape_and_idempotence(key: str) -> None:
     normalized = normalize_key(key)
     assert normalize_key(normalized) == normalized
-    assert normalized == "_" or (
-        all(char.isalnum() or char == "_" for char in normalized)
-        and "__" not in normalized
-        and not normalized.startswith("_")
-        and not normalized.endswith("_")
-        and normalized == normalized.lower()
-    )
+    assert unicodedata.normalize("NFKC", normalized) == normalized
+    if normalized == "_":
+        return
+    for segment in normalized.split("."):
+        assert segment
+        assert all(is_word(segment, index) for index in range(len(segment)))
+        assert "__" not in segment
+        assert not segment.startswith("_")
+        assert not segment.endswith("_")
+        assert segment == segment.lower()
+
+
+@PROPERTY_SETTINGS
+@given(KEYS | st.text(max_size=12), st.sampled_from(["NFC", "NFD", "NFKC", "NFKD"]))
+def test_property_equivalent_keys_normalize_equal(key: str, form: str) -> None:
+    """Canonically (NFC/NFD) and compatibility (NFKC/NFKD) equivalent keys are one key."""
+    variant = unicodedata.normalize(form, key)  # type: ignore[arg-type]
+    assert normalize_key(variant) == normalize_key(key)
+    result = normalize_info({key: 1, variant: 2})  # one key if variant == key
+    assert result.records == {normalize_key(key): 1 if variant != key else 2}
+    assert result.lost == (0 if variant == key else 1)
 
 
 @PROPERTY_SETTINGS

@@ -1,41 +1,80 @@
 """Normalize a parsed JSON object into flat, coerced records (a pure ETL step).
 
+A *leaf* is a scalar (string, number, boolean or ``null``) inside ``info``; empty
+objects and lists contain no leaf. Every leaf ends in exactly one of three places:
+kept in ``records``, listed in ``dropped``, or lost to a collision and counted in
+``lost``, so that ``len(records) + lost + len(dropped)`` is the number of leaves.
+
 Rules:
 
 1. Flatten objects and lists into dotted paths (``address.city``, ``tags.0``). A raw
    key containing dots is split into segments, so ``{"a.b": 1}`` equals
-   ``{"a": {"b": 1}}`` and ``normalize_info`` is idempotent on its own output.
-2. Normalize each segment (``normalize_key``): camelCase/PascalCase -> snake_case
-   (``HTTPServer`` -> ``http_server``), lowercase, every character that is not
-   ``str.isalnum`` -> ``_``, collapse runs of ``_``, strip ``_`` at the ends; a segment
-   that ends up empty becomes ``_``. Unicode letters/digits are kept (lowercased);
-   digit-only segments (list indexes) are unchanged.
-3. Coerce strings (``coerce_value``), after trimming: true/yes/y/on and
+   ``{"a": {"b": 1}}``. Traversal is depth-first in input order: a key's whole
+   value comes before its next sibling, and ``records`` keeps that order.
+2. Keys (``normalize_key``), in this order:
+
+   a. Unicode: the raw key is normalized to NFKC before anything else, so that
+      the decomposed ``"cafe\\u0301"`` and the composed ``"café"`` are the same key.
+      NFKC rather than NFC because keys are identifiers, not prose: it also folds
+      the compatibility variants a human reads as the same name (full-width
+      ``Ｎａｍｅ``, the ligature ``ﬁ``, ``x²`` -> ``x2``, no-break spaces), as
+      Python identifiers (PEP 3131) and Unicode identifiers (UAX #31) do.
+      Accents are kept: ``café`` stays ``café``. A full-width dot ``．`` is a dot.
+   b. The key is split at ``.`` into segments. Each segment: camelCase/PascalCase
+      -> snake_case (``HTTPServer`` -> ``http_server``), lowercase, NFKC again
+      (lowercasing can undo it), every run of other characters than letters and
+      digits (``str.isalnum``) -> one ``_``, ``_`` stripped at both ends. Combining
+      marks (Unicode category M) right after a letter or digit are part of it and
+      kept (``हिन्दी``, ``"q\\u0301"``); elsewhere they are like punctuation. Digit-only
+      segments (list indexes) are unchanged. Lowercasing is ``str.lower``
+      (``Straße`` -> ``straße``; no case folding).
+   c. A segment with nothing left (``""``, blank, only punctuation, marks or ``_``)
+      is empty. Empty segments are left out of the path wherever they come from
+      (``"a..b"`` -> ``a.b``, ``"Invoice No."`` -> ``invoice_no``, ``{"a": {"": 1}}``
+      -> ``a``), so a dotted key still equals its nesting. A path with no segment
+      left is ``_``: the keys ``""``, ``"   "``, ``"."`` and ``"_"`` all give ``_``
+      (and collide, rule 5).
+3. Values: strings are trimmed and coerced (``coerce_value``): true/yes/y/on and
    false/no/n/off (any case) -> bool; numbers in JSON syntax with an optional sign ->
    int or float, unless they have a leading zero (``007``), are not finite, or are
    ints beyond +-2**53 (kept as strings); strings starting ``YYYY-MM-DD`` that parse
    as ISO dates/datetimes -> canonical ISO (aware datetimes in UTC with ``Z``, naive
-   ones kept naive); anything else stays the trimmed string. bool/int/float leaves
-   are kept as they are.
+   ones kept naive); anything else stays the trimmed string (not Unicode-normalized).
+   bool/int/float leaves are kept as they are.
 4. Drop empty leaves: ``None``, blank strings and the placeholders N/A, NA, null,
-   none, ``-`` (any case); their raw dotted paths are listed in ``dropped``. Empty
-   objects/lists produce nothing and are not listed.
-5. When kept leaves normalize to the same path, the first in input (depth-first)
-   order wins and a ``Collision`` lists all their raw paths. Dropped leaves never
-   claim a path. Collisions are listed in the order they are first detected.
+   none, ``-`` (any case); their raw dotted paths are listed in ``dropped``, in
+   input order. Dropped leaves never claim a path.
+5. Collisions: when kept leaves normalize to the same path, the first in input
+   order (rule 1) keeps it, whatever spelling, nesting or dotted key produced it;
+   every later one is lost. ``Normalized.lost`` counts every lost leaf and
+   ``Normalized.collided_paths`` every path that lost one, exactly. For cost bounded
+   on hostile input the details are capped: ``collisions`` lists the first
+   ``MAX_COLLISIONS`` (100) collided paths in order of detection, and each
+   ``Collision.sources`` the first ``MAX_COLLISION_SOURCES`` (5) raw paths (the
+   first one is the kept one), while ``Collision.lost`` stays exact.
 
-Traversal is iterative, so nesting depth is not limited by the recursion limit.
+``normalize_info`` is idempotent: applied to its own ``records`` it returns the same
+records, with nothing dropped and no collision.
+
+Cost: linear in the size of ``info``. Each distinct raw key is normalized once;
+ASCII keys skip Unicode normalization; traversal is iterative, so nesting depth is
+not limited by the recursion limit. Besides ``records``, memory is ``dropped`` (one
+raw path per dropped leaf) and the capped collision details above.
+
 Non-JSON input (non-string keys, other value types, NaN/Infinity) raises.
 """
 
 import math
 import re
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any, Final
 
 __all__ = [
+    "MAX_COLLISIONS",
+    "MAX_COLLISION_SOURCES",
     "Collision",
     "JsonScalar",
     "Normalized",
@@ -46,18 +85,32 @@ __all__ = [
 
 JsonScalar = str | int | float | bool
 
+MAX_COLLISIONS: Final = 100  # Collision entries kept in Normalized.collisions
+MAX_COLLISION_SOURCES: Final = 5  # raw paths kept in Collision.sources
+
 
 @dataclass(frozen=True)
 class Collision:
     path: str  # the normalized dotted path
-    sources: tuple[str, ...]  # raw dotted paths that normalized to it, input order; first kept
+    # Raw dotted paths that normalized to it, in input order, the first (kept) one
+    # first; at most MAX_COLLISION_SOURCES of them.
+    sources: tuple[str, ...]
+    # Leaves that lost this path: exact, even when sources is capped. Defaults to
+    # len(sources) - 1 (nothing left out).
+    lost: int = -1
+
+    def __post_init__(self) -> None:
+        if self.lost < 0:
+            object.__setattr__(self, "lost", len(self.sources) - 1)
 
 
 @dataclass(frozen=True)
 class Normalized:
     records: dict[str, JsonScalar]  # dotted path -> coerced scalar value
     dropped: tuple[str, ...]  # raw dotted paths whose values were dropped as empty
-    collisions: tuple[Collision, ...]
+    collisions: tuple[Collision, ...]  # the first MAX_COLLISIONS collided paths
+    lost: int = 0  # leaves that lost a collision (all of them, not only those listed)
+    collided_paths: int = 0  # paths that had a collision (all of them)
 
 
 _MAX_SAFE_INT: Final = 2**53
@@ -69,10 +122,15 @@ _NUMBER: Final = re.compile(r"[+-]?(?:0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)
 _DATE_PREFIX: Final = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 _NUMBER_START: Final = frozenset("0123456789+-")
 # Segments that are already normalized (the common case, and every re-run).
-_PLAIN_SEGMENT: Final = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*|_")
+_PLAIN_SEGMENT: Final = re.compile(r"[a-z0-9]+(?:_[a-z0-9]+)*")
 _NON_WORD: Final = re.compile(r"[\W_]+")  # \w is exactly str.isalnum() plus "_"
-# ASCII-only equivalent of _split_camel's loop, for speed.
+_ODD_NON_WORD: Final = re.compile(r"[^\w\x00-\x7f]")  # non-ASCII, not a letter or digit
+# ASCII-only equivalent of _split_camel (same result after the _NON_WORD step), for speed.
 _ASCII_CAMEL: Final = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
+
+
+def _is_mark(c: str) -> bool:
+    return unicodedata.category(c)[0] == "M"
 
 
 def _is_upper(c: str) -> bool:
@@ -82,39 +140,82 @@ def _is_upper(c: str) -> bool:
 
 
 def _split_camel(segment: str) -> str:
-    if segment.isascii():
-        return _ASCII_CAMEL.sub("_", segment)
-    out: list[str] = []
+    """Insert "_" where a word starts with an upper-case letter (camelCase, HTTPServer).
+
+    Only letters and digits count as neighbours: a combining mark belongs to the
+    letter before it, and separators become "_" anyway.
+    """
+    parts: list[str] = []
+    start = 0
     last = len(segment) - 1
-    prev = ""
     for i, c in enumerate(segment):
-        if (
-            i
-            and _is_upper(c)
-            and (
+        if i and c.isupper() and c.lower() != c:
+            j = i - 1  # back to the previous letter or digit (separators: once each)
+            while j >= 0 and not segment[j].isalnum():
+                j -= 1
+            if j < 0:
+                continue
+            prev = segment[j]
+            if (
                 prev.islower()
                 or prev.isdigit()
                 or (_is_upper(prev) and i < last and segment[i + 1].islower())
-            )
-        ):
-            out.append("_")
-        out.append(c)
-        prev = c
-    return "".join(out)
+            ):
+                parts.append(segment[start:i])
+                start = i
+    if not parts:
+        return segment
+    parts.append(segment[start:])
+    return "_".join(parts)
 
 
-def normalize_key(key: str) -> str:
-    """Normalize one path segment (see rule 2 of the module docstring)."""
-    if _PLAIN_SEGMENT.fullmatch(key):
-        return key
-    snake = _NON_WORD.sub("_", _split_camel(key.strip()).lower()).strip("_")
-    return snake or "_"
+def _non_word_run(match: re.Match[str]) -> str:
+    """One "_" for a run of non-word characters, after the marks that end a word."""
+    run = match.group()
+    if run.isascii() or not match.start():
+        return "_"
+    # The run follows a letter or digit: combining marks at its start belong to it.
+    end = 0
+    while end < len(run) and _is_mark(run[end]):
+        end += 1
+    return run if end == len(run) else run[:end] + "_"
+
+
+def _normalize_segment(segment: str) -> str:
+    """One segment of an NFKC-normalized key (rule 2b); "" if it is empty (rule 2c)."""
+    if _PLAIN_SEGMENT.fullmatch(segment):
+        return segment
+    segment = segment.strip()  # only saves work: blanks become "_", stripped below
+    if segment.isascii():
+        return _NON_WORD.sub("_", _ASCII_CAMEL.sub("_", segment).lower()).strip("_")
+    lowered = segment.lower()
+    if lowered != segment:  # else nothing is upper case: no word to split
+        lowered = _split_camel(segment).lower()
+    text = unicodedata.normalize("NFKC", lowered)
+    if _ODD_NON_WORD.search(text) is None:  # no combining mark to keep
+        return _NON_WORD.sub("_", text).strip("_")
+    return _NON_WORD.sub(_non_word_run, text).strip("_")
 
 
 def _normalize_raw_key(key: str) -> str:
+    """The normalized dotted form of one raw key; "" if no segment is left."""
+    if _PLAIN_SEGMENT.fullmatch(key):
+        return key
+    if not key.isascii():
+        key = unicodedata.normalize("NFKC", key)
     if "." in key:
-        return ".".join([normalize_key(part) for part in key.split(".")])
-    return normalize_key(key)
+        return ".".join([s for s in map(_normalize_segment, key.split(".")) if s])
+    return _normalize_segment(key)
+
+
+def normalize_key(key: str) -> str:
+    """Normalize one raw key, dots included (rule 2); ``_`` if no segment is left.
+
+    ``normalize_key("Address.City") == "address.city"``, ``normalize_key("a..b") ==
+    "a.b"``, ``normalize_key("  ") == "_"``. In a longer path an empty key adds no
+    segment at all (rule 2c).
+    """
+    return _normalize_raw_key(key) or "_"
 
 
 def _coerce_temporal(text: str) -> str | None:
@@ -177,15 +278,18 @@ def _children(node: Any, path: str) -> Iterable[tuple[str, Any]] | None:
 def normalize_info(info: Mapping[str, Any]) -> Normalized:
     """Flatten, normalize and coerce a parsed JSON object (see the module docstring)."""
     records: dict[str, JsonScalar] = {}
-    first_source: dict[str, str] = {}
-    collided: dict[str, list[str]] = {}
+    first_source: dict[str, str] = {}  # path -> raw path of the leaf that kept it
+    lost_at: dict[str, int] = {}  # path -> leaves that lost it (every collided path)
+    listed: dict[str, list[str]] = {}  # path -> sources, for the first MAX_COLLISIONS
     dropped: list[str] = []
+    lost = 0
     key_cache: dict[str, str] = {}
 
     if not isinstance(info, Mapping):
         raise TypeError(f"info must be a mapping, not {type(info).__name__}")
     root = _children(info, "") or ()
-    # Each frame: (normalized prefix, raw prefix, remaining children); prefixes end in ".".
+    # Each frame: (normalized prefix, raw prefix, remaining children); a prefix is ""
+    # or ends in "." (the normalized one is "" while every segment so far was empty).
     stack = [("", "", iter(root))]
     while stack:
         norm_prefix, raw_prefix, items = stack[-1]
@@ -210,27 +314,41 @@ def normalize_info(info: Mapping[str, Any]) -> Normalized:
                 children = _children(value, raw_path)
                 if children is None:
                     raise TypeError(f"unsupported {type(value).__name__} at {raw_path!r}")
-                stack.append((norm_prefix + norm_key + ".", raw_path + ".", iter(children)))
+                child_prefix = norm_prefix + norm_key + "." if norm_key else norm_prefix
+                stack.append((child_prefix, raw_path + ".", iter(children)))
                 break  # descend now, so output follows input (depth-first) order
 
             if coerced is None:
                 dropped.append(raw_path)
                 continue
-            path = norm_prefix + norm_key
-            if path in records:
-                sources = collided.get(path)
-                if sources is None:
-                    collided[path] = [first_source[path], raw_path]
-                else:
-                    sources.append(raw_path)
+            if norm_key:
+                path = norm_prefix + norm_key
             else:
+                path = norm_prefix[:-1] or "_"
+            if path not in records:
                 records[path] = coerced
                 first_source[path] = raw_path
+                continue
+            lost += 1
+            count = lost_at.get(path)
+            if count is None:
+                lost_at[path] = 1
+                if len(listed) < MAX_COLLISIONS:
+                    listed[path] = [first_source[path], raw_path]
+            else:
+                lost_at[path] = count + 1
+                sources = listed.get(path)
+                if sources is not None and len(sources) < MAX_COLLISION_SOURCES:
+                    sources.append(raw_path)
         else:
             stack.pop()
 
     return Normalized(
         records=records,
         dropped=tuple(dropped),
-        collisions=tuple(Collision(path, tuple(srcs)) for path, srcs in collided.items()),
+        collisions=tuple(
+            Collision(path, tuple(sources), lost_at[path]) for path, sources in listed.items()
+        ),
+        lost=lost,
+        collided_paths=len(lost_at),
     )
