@@ -104,10 +104,12 @@ class EnrichActivities:
                 continue
             activity.heartbeat(index)
             answers = await self._call(batch)
-            await self._store.write(step, answers, name=f"{prefix}{index}")
+            if not await self._store.write(step, answers, name=f"{prefix}{index}"):
+                return superseded_result()
             merged.update(answers)
             activity.heartbeat(index + 1)
-        await self._store.write(step, {**records, **merged})
+        if not await self._store.write(step, {**records, **merged}):
+            return superseded_result()
         return StepResult(
             attempt=info.attempt,
             stats={

@@ -67,7 +67,8 @@ class ResourceActivities:
         except DBAPIError as error:
             if _sqlstate(error).startswith(_PERMANENT_SQLSTATE_CLASSES):
                 raise ApplicationError(
-                    f"PostgreSQL refused the resource's data: {error.orig}",
+                    "PostgreSQL refused the resource's data "
+                    f"(SQLSTATE {_sqlstate(error)}): nothing was persisted",
                     type="InvalidData",
                     non_retryable=True,
                 ) from error
@@ -212,7 +213,7 @@ class ResourceActivities:
             stats={
                 "records": len(normalized.records),
                 "dropped": len(normalized.dropped),
-                "collisions": len(normalized.collisions),
+                "collisions": normalized.collided_paths,
                 # Leaves that lost a collision: each one counted, none listed.
                 "lost": normalized.lost,
             },

@@ -137,7 +137,10 @@ async def version_with_records(
     records = {
         f"site_{n}.country": code for n, code in enumerate(["FR", "DE", "IT", "ES", "PT", "NL"])
     }
-    await StepStore(sessions).write(step, {**records, "note": "kept"}, name="normalize")
+    # As the workflow that owns the version's ETL ("test", as in every ActivityEnvironment).
+    await ActivityEnvironment().run(
+        StepStore(sessions).write, step, {**records, "note": "kept"}, "normalize"
+    )
     return step
 
 
