@@ -33,6 +33,7 @@ carry interpreter details: numbers are checked before Python converts them.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import math
@@ -45,6 +46,7 @@ from starlette.requests import Request
 
 from api.problems import Problem
 from upsertflow.settings import Limits
+from upsertflow.store.blobs import Document
 
 _MAX_SAFE_INT = 2**53
 _MAX_SAFE_INT_DIGITS = len(str(_MAX_SAFE_INT))  # 16
@@ -90,24 +92,14 @@ def _values_over(raw: bytes, budget: int) -> bool:
 
 
 @dataclass(frozen=True)
-class Document:
-    """A JSON object, its stored bytes (compact, in input order) and their sha256."""
-
-    value: dict[str, Any]
-    body: bytes
-    digest: str
-
-    @classmethod
-    def of(cls, value: dict[str, Any]) -> Document:
-        # Input order is kept: the ETL's "first wins" on key collisions depends on it.
-        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-        return cls(value=value, body=body, digest=hashlib.sha256(body).hexdigest())
-
-
-@dataclass(frozen=True)
 class UpsertBody:
     attributes: Document
     info: Document
+
+    @property
+    def fingerprint(self) -> str:
+        """What tells two bodies apart, for `Idempotency-Key`."""
+        return hashlib.sha256(f"{self.attributes.digest}:{self.info.digest}".encode()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -169,6 +161,12 @@ def _too_large(limit: int) -> Problem:
         f"the body is larger than {limit} bytes: the limit is {limit} bytes "
         f"({setting('max_body_bytes')})",
     )
+
+
+async def read_upsert_body(request: Request, limits: Limits) -> UpsertBody:
+    """Read the body within `max_body_bytes`, then parse and check it (off the event loop)."""
+    raw = await read_limited(request, limits.max_body_bytes)
+    return await asyncio.to_thread(parse_upsert_body, raw, limits)
 
 
 def check_content_type(request: Request) -> None:

@@ -52,3 +52,7 @@ def check_id(resource_id: str) -> str:
             errors=[{"field": "path.resource_id", "message": "invalid resource id"}],
         )
     return resource_id
+
+
+def not_found(resource_id: str) -> Problem:
+    return Problem(404, "not-found", "Resource not found", f"no resource {resource_id!r}")

@@ -37,9 +37,10 @@ class ResourcePublic(BaseModel):
     created_at: datetime
     updated_at: datetime
     context: dict[str, Any] | None = Field(
-        description="The ETL output of the latest processed version; null until one is loaded."
+        default=None,
+        description="The ETL output of the latest processed version; null until one is loaded.",
     )
-    context_version: int | None
+    context_version: int | None = None
     etl: EtlRef
 
 

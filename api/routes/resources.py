@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import binascii
-import contextlib
-import hashlib
+import functools
 import logging
-import uuid
 from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
-from fastapi.responses import JSONResponse
-from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from temporalio.client import Client
-from temporalio.service import RPCError, RPCStatusCode
 
-from api.body import check_content_type, parse_upsert_body, read_limited
+from api.body import check_content_type, read_upsert_body
+from api.cursors import after_resource, resource_cursor
 from api.deps import SessionDep, SessionsDep, SettingsDep, TemporalDep
-from api.idempotency import REPLAY_HEADER, Claim, check_key, claim_key, store_response, unlock_key
-from api.paths import ID_PATTERN, ResourceIdPath, check_id
-from api.problems import Problem, problem_response, problem_responses
+from api.idempotency import Idempotency
+from api.paths import ResourceIdPath, check_id, not_found
+from api.problems import problem_responses
 from api.schemas import (
     EtlRef,
     ResourceList,
@@ -32,13 +23,14 @@ from api.schemas import (
     ResourceUpsert,
     UpsertAccepted,
 )
-from api.upserts import start_upsert, store_documents, ui_url
+from api.upserts import Upsert, apply_upsert
+from api.workflows import cancel_all, reconciled, ui_url
 from upsertflow.contracts import EtlStatus
-from upsertflow.models import Resource, ResourceContext, ResourceVersion, is_current_version
-from upsertflow.reconcile import IN_FLIGHT, reconcile_version
+from upsertflow.models import ResourceVersion
 from upsertflow.settings import Settings
+from upsertflow.store import resources as store
 from upsertflow.store.deletion import delete_resource as delete_stored
-from upsertflow.temporal import UNREACHABLE
+from upsertflow.store.resources import ResourceRead
 
 log = logging.getLogger("upsertflow.api")
 
@@ -89,69 +81,17 @@ async def upsert_resource(
     """
     check_id(resource_id)
     check_content_type(request)
-    if idempotency_key is not None:
-        check_key(idempotency_key)
-    raw = await read_limited(request, settings.limits.max_body_bytes)
-    body = await asyncio.to_thread(parse_upsert_body, raw, settings.limits)
+    idempotency = Idempotency(idempotency_key, scope=f"PUT /resources/{resource_id}")
+    body = await read_upsert_body(request, settings.limits)
     respond_async = prefer is not None and "respond-async" in prefer.lower()
-    request_id = uuid.uuid4().hex
-    scope = f"PUT /resources/{resource_id}"
-    if idempotency_key is not None:
-        fingerprint = hashlib.sha256(
-            f"{body.attributes.digest}:{body.info.digest}".encode()
-        ).hexdigest()
-        state = await claim_key(
-            sessions,
-            idempotency_key,
-            scope,
-            fingerprint,
-            ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
-            lock_for=timedelta(seconds=settings.sync_timeout_seconds + 30),
-        )
-        if state.claim is Claim.REPLAY:
-            assert state.status_code is not None and state.body is not None
-            return Response(
-                state.body,
-                status_code=state.status_code,
-                headers={**(state.headers or {}), REPLAY_HEADER: "true"},
-                media_type="application/json",
-            )
-        request_id = state.request_id
-    try:
-        await store_documents(sessions, resource_id, request_id, body.attributes, body.info)
-        answer = await start_upsert(
-            client,
-            sessions,
-            settings,
-            resource_id,
-            body,
-            request_id,
-            respond_async,
-            idempotency_key,
-        )
-    except Problem as problem:
-        if idempotency_key is not None:
-            if problem.status == 422:  # the data cannot be persisted: final, replay it
-                refused = problem_response(problem)
-                await store_response(sessions, idempotency_key, scope, 422, bytes(refused.body), {})
-            else:
-                await unlock_key(sessions, idempotency_key, scope)
-        raise
-    except BaseException:
-        if idempotency_key is not None:
-            await unlock_key(sessions, idempotency_key, scope)
-        raise
-    response = JSONResponse(answer.body, status_code=answer.status_code, headers=answer.headers)
-    if idempotency_key is not None:
-        await store_response(
-            sessions,
-            idempotency_key,
-            scope,
-            answer.status_code,
-            bytes(response.body),
-            answer.headers,
-        )
-    return response
+    upsert = Upsert(resource_id, body, respond_async, idempotency_key)
+    return await idempotency.respond(
+        sessions,
+        body.fingerprint,
+        functools.partial(apply_upsert, client, sessions, settings, upsert),
+        ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
+        lock_for=timedelta(seconds=settings.sync_timeout_seconds + 30),
+    )
 
 
 @router.get(
@@ -173,46 +113,12 @@ async def list_resources(
 
     Pages are keyed by id, so resources created while paging never shift them.
     """
-    query = (
-        select(Resource.id, Resource.version, Resource.updated_at, ResourceVersion.etl_status)
-        .join(ResourceVersion, is_current_version())
-        .order_by(Resource.id)
-        .limit(limit + 1)
+    after = after_resource(cursor) if cursor is not None else None
+    rows, more = await store.list_resources(
+        session, after=after, limit=limit, etl_status=etl_status
     )
-    if cursor is not None:
-        query = query.where(Resource.id > _decode_cursor(cursor))
-    if etl_status is not None:
-        query = query.where(ResourceVersion.etl_status == etl_status)
-    rows = (await session.execute(query)).all()
-    items = [
-        ResourceSummary(
-            id=row.id,
-            version=row.version,
-            updated_at=row.updated_at,
-            etl_status=EtlStatus(row.etl_status),
-        )
-        for row in rows[:limit]
-    ]
-    more = len(rows) > limit
-    return ResourceList(items=items, next_cursor=_encode_cursor(items[-1].id) if more else None)
-
-
-def _encode_cursor(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> str:
-    """The last id of the previous page; anything that is not one is a 400."""
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        last_id = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        last_id = ""
-    if not ID_PATTERN.fullmatch(last_id):
-        raise Problem(
-            400, "invalid-cursor", "Invalid cursor", "use the `next_cursor` of a previous page"
-        )
-    return last_id
+    items = [ResourceSummary(**vars(row)) for row in rows]
+    return ResourceList(items=items, next_cursor=resource_cursor(items[-1].id) if more else None)
 
 
 @router.get(
@@ -231,30 +137,17 @@ async def get_resource(
 ) -> ResourcePublic:
     """Return the resource's latest version, its context and the state of its ETL."""
     check_id(resource_id)
-    return await load_resource(session, sessions, client, settings, resource_id)
-
-
-async def load_resource(
-    session: AsyncSession,
-    sessions: async_sessionmaker[AsyncSession],
-    client: Client,
-    settings: Settings,
-    resource_id: str,
-) -> ResourcePublic:
-    row = (
-        await session.execute(
-            select(Resource, ResourceVersion, ResourceContext)
-            .join(ResourceVersion, is_current_version())
-            .outerjoin(ResourceContext, ResourceContext.resource_id == Resource.id)
-            .where(Resource.id == resource_id)
-        )
-    ).one_or_none()
-    if row is None:
+    read = await store.read_resource(session, resource_id)
+    if read is None:
         raise not_found(resource_id)
-    resource, version, context = row
-    if version.etl_status in IN_FLIGHT:
-        with contextlib.suppress(*UNREACHABLE):  # Temporal down: say what PostgreSQL says
-            version = await reconcile_version(sessions, client, version)
+    version = await reconciled(sessions, client, read.version)
+    return _resource_public(read, version, settings, client.namespace)
+
+
+def _resource_public(
+    read: ResourceRead, version: ResourceVersion, settings: Settings, namespace: str
+) -> ResourcePublic:
+    resource, context = read.resource, read.context
     return ResourcePublic(
         id=resource.id,
         version=resource.version,
@@ -268,14 +161,10 @@ async def load_resource(
             version=version.version,
             workflow_id=version.etl_workflow_id,
             run_id=version.etl_run_id,
-            ui_url=ui_url(settings, client.namespace, version.etl_workflow_id, version.etl_run_id),
+            ui_url=ui_url(settings, namespace, version.etl_workflow_id, version.etl_run_id),
             error=version.etl_error,
         ),
     )
-
-
-def not_found(resource_id: str) -> Problem:
-    return Problem(404, "not-found", "Resource not found", f"no resource {resource_id!r}")
 
 
 @router.delete(
@@ -300,26 +189,13 @@ async def delete_resource(
         raise not_found(resource_id)
     # Nothing that is cancelled here can write any more (fenced in PostgreSQL): the
     # cancellations only stop the work early, so they run together and nobody waits.
-    outcomes = await asyncio.gather(
-        *(_cancel(client, workflow_id) for workflow_id in deleted.workflow_ids),
-        return_exceptions=True,
-    )
-    failed = sum(1 for outcome in outcomes if isinstance(outcome, BaseException))
+    cancelled, not_reached = await cancel_all(client, deleted.workflow_ids)
     log.info(
         "resource deleted",
         extra={
             "resource_id": resource_id,
-            "workflows_cancelled": len(outcomes) - failed,
-            "workflows_not_reached": failed,
+            "workflows_cancelled": cancelled,
+            "workflows_not_reached": not_reached,
         },
     )
     return Response(status_code=204)
-
-
-async def _cancel(client: Client, workflow_id: str) -> None:
-    """Ask a workflow to cancel; one that has ended (or never started) needs nothing."""
-    try:
-        await client.get_workflow_handle(workflow_id).cancel()
-    except RPCError as error:
-        if error.status not in (RPCStatusCode.NOT_FOUND, RPCStatusCode.FAILED_PRECONDITION):
-            raise

@@ -1,15 +1,67 @@
-"""Stored request documents (the claim-check store) and the claims on them."""
+"""Stored request documents (the claim-check store) and the claims on them.
+
+A request's `attributes` and `info` are stored once each, by content address, and
+workflows carry the digest, never the document itself.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from sqlalchemy import Delete, exists, func
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from upsertflow.models import Blob, BlobClaim, ResourceVersion
 
 _D = TypeVar("_D", bound=Delete)
+
+
+@dataclass(frozen=True)
+class Document:
+    """A JSON object, its stored bytes (compact, in input order) and their sha256."""
+
+    value: dict[str, Any]
+    body: bytes
+    digest: str
+
+    @classmethod
+    def of(cls, value: dict[str, Any]) -> Document:
+        # Input order is kept: the ETL's "first wins" on key collisions depends on it.
+        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        return cls(value=value, body=body, digest=hashlib.sha256(body).hexdigest())
+
+
+async def store_documents(
+    sessions: async_sessionmaker[AsyncSession], resource_id: str, request_id: str, *docs: Document
+) -> None:
+    """Store documents by content address (once each), claimed by the request until it persists.
+
+    Nothing else refers to them yet: the claim keeps the janitor away. Should the
+    workflow never start (the API died, Temporal was down), the claim expires and
+    the janitor collects documents nobody refers to.
+    """
+    unique = {d.digest: d for d in docs}
+    rows = [
+        {"digest": d.digest, "body": d.body, "size_bytes": len(d.body)} for d in unique.values()
+    ]
+    claims = [
+        {"request_id": request_id, "digest": digest, "resource_id": resource_id}
+        for digest in unique
+    ]
+    async with sessions.begin() as session:
+        statement = pg_insert(Blob).values(rows)
+        # Storing known content again renews it, so no collection can take it meanwhile.
+        await session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[Blob.digest], set_={"created_at": func.now()}
+            )
+        )
+        await session.execute(pg_insert(BlobClaim).values(claims).on_conflict_do_nothing())
 
 
 def unreferenced_blobs(statement: _D, untouched_for: timedelta) -> _D:

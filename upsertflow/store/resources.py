@@ -1,0 +1,100 @@
+"""Reading resources and their versions, as the API shows them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from upsertflow.contracts import EtlStatus, Persisted
+from upsertflow.models import (
+    Resource,
+    ResourceContext,
+    ResourceVersion,
+    is_current_version,
+    persisted_from,
+)
+
+
+@dataclass(frozen=True)
+class ResourceRead:
+    """A resource, its latest version, and its context (None until one is loaded)."""
+
+    resource: Resource
+    version: ResourceVersion
+    context: ResourceContext | None
+
+
+@dataclass(frozen=True)
+class ResourceListed:
+    id: str
+    version: int
+    updated_at: datetime
+    etl_status: EtlStatus
+
+
+async def current_version(session: AsyncSession, resource_id: str) -> ResourceVersion | None:
+    """Return the version row of the resource's latest version; None if it does not exist."""
+    return await session.scalar(
+        select(ResourceVersion)
+        .join(Resource, is_current_version())
+        .where(Resource.id == resource_id)
+    )
+
+
+async def read_resource(session: AsyncSession, resource_id: str) -> ResourceRead | None:
+    """Return the resource with its latest version and its context; None if it does not exist."""
+    row = (
+        await session.execute(
+            select(Resource, ResourceVersion, ResourceContext)
+            .join(ResourceVersion, is_current_version())
+            .outerjoin(ResourceContext, ResourceContext.resource_id == Resource.id)
+            .where(Resource.id == resource_id)
+        )
+    ).one_or_none()
+    if row is None:
+        return None
+    resource, version, context = row
+    return ResourceRead(resource, version, context)
+
+
+async def list_resources(
+    session: AsyncSession, *, after: str | None, limit: int, etl_status: EtlStatus | None
+) -> tuple[list[ResourceListed], bool]:
+    """Return up to `limit` resources in id order after the id `after`, and whether more follow."""
+    query = (
+        select(Resource.id, Resource.version, Resource.updated_at, ResourceVersion.etl_status)
+        .join(ResourceVersion, is_current_version())
+        .order_by(Resource.id)
+        .limit(limit + 1)
+    )
+    if after is not None:
+        query = query.where(Resource.id > after)
+    if etl_status is not None:
+        query = query.where(ResourceVersion.etl_status == etl_status)
+    rows = (await session.execute(query)).all()
+    items = [
+        ResourceListed(row.id, row.version, row.updated_at, EtlStatus(row.etl_status))
+        for row in rows[:limit]
+    ]
+    return items, len(rows) > limit
+
+
+async def persisted_by_request(
+    sessions: async_sessionmaker[AsyncSession], request_id: str
+) -> tuple[Persisted, str] | None:
+    """Return the version a request persisted, and the run that persisted it."""
+    async with sessions() as session:
+        row = (
+            await session.execute(
+                select(ResourceVersion, Resource.created_at)
+                .join(Resource, Resource.id == ResourceVersion.resource_id)
+                .where(ResourceVersion.request_id == request_id)
+            )
+        ).one_or_none()
+    if row is None:
+        return None
+    version, created_at = row
+    return persisted_from(version, created_at), version.etl_run_id
