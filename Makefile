@@ -3,6 +3,8 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+# Options of `make dev`, e.g. DEV_ARGS="--workers 2 --apis 2".
+DEV_ARGS ?=
 # Re-install when the project's dependencies change.
 STAMP := $(VENV)/.installed
 
@@ -20,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP) ## Create .venv and install the project with its dev and test extras
 
 dev: $(STAMP) ## Run the whole stack (PostgreSQL, Temporal, enrichment, worker, API) on embedded defaults
-	$(BIN)/upsertflow-dev
+	$(BIN)/python -m devstack $(DEV_ARGS)
 
 test: $(STAMP) ## Run the whole test suite offline on the embedded components
 	$(BIN)/python -m pytest

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -20,29 +17,19 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from api.main import create_app
-from upsertflow import embedded, temporal
+from devstack import REPO_ROOT, EmbeddedPostgres, TemporalDevServer, free_port, migrate
+from devstack.stack import enrichment_service
+from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, stop_process, wait_for_port
 from upsertflow.settings import Enrichment, Settings
 from worker import build_worker, enrichment_client
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+# Some test modules import these from here; they are the dev stack's.
+__all__ = ["REPO_ROOT", "free_port"]
 
 # The suite runs on its own servers, never on whatever the shell points at.
 for _name in ("DATABASE_URL", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "TEMPORAL_API_KEY"):
     os.environ.pop(_name, None)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def migrate(database_url: str) -> None:
-    """Apply the migrations, as `make dev` and a deploy do."""
-    embedded.migrate({**os.environ, "DATABASE_URL": database_url})
 
 
 @pytest.fixture(scope="session")
@@ -56,9 +43,9 @@ def database_url() -> Iterator[str]:
     parent = Path(tempfile.mkdtemp(prefix="upsertflow-test-pg-"))
     server = EmbeddedPostgres(parent / "data", delete_on_stop=True)
     try:
-        url = server.start()
-        migrate(url)
-        yield url
+        server.start()
+        migrate(server.url)
+        yield server.url
     finally:
         server.stop()
         shutil.rmtree(parent, ignore_errors=True)
@@ -68,17 +55,16 @@ def database_url() -> Iterator[str]:
 def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A Temporal dev server (in memory) with the project's search attributes."""
     log_path = tmp_path_factory.mktemp("temporal") / "server.log"
-    with log_path.open("wb") as log_file:
-        server = TemporalDevServer(
-            db_file=None, port=free_port(), ui_port=free_port(), log_file=log_file
-        )
-        address = server.start()
-        os.environ["TEMPORAL_ADDRESS"] = address
-        try:
-            yield address
-        finally:
-            os.environ.pop("TEMPORAL_ADDRESS", None)
-            server.stop()
+    server = TemporalDevServer(
+        db_file=None, port=free_port(), ui_port=free_port(), log_path=log_path
+    )
+    try:
+        server.start()
+        os.environ["TEMPORAL_ADDRESS"] = server.address
+        yield server.address
+    finally:
+        os.environ.pop("TEMPORAL_ADDRESS", None)
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -108,17 +94,12 @@ def enrichment_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The local enrichment service, as a real server process."""
     port = free_port()
     log_path = tmp_path_factory.mktemp("enrichment") / "service.log"
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "enrichment_service", "--port", str(port)],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            wait_for_port("127.0.0.1", port, 30, process)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop_process(process, 10)
+    service = enrichment_service(port, dict(os.environ), log_path=log_path)
+    try:
+        service.start()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        service.stop()
 
 
 @pytest.fixture

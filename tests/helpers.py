@@ -11,17 +11,52 @@ import httpx
 TERMINAL = {"succeeded", "failed", "superseded", "cancelled"}
 
 
+def ended_etl(response: httpx.Response, version: int | None) -> dict[str, Any] | None:
+    """The resource of a `GET /resources/{id}` answer once the ETL of `version` (or any) ended."""
+    if response.status_code != 200:
+        return None
+    body: dict[str, Any] = response.json()
+    etl = body["etl"]
+    if etl["status"] in TERMINAL and version in (None, etl["version"]):
+        return body
+    return None
+
+
 async def wait_for_etl(
-    http: httpx.AsyncClient, resource_id: str, version: int, within: float = 30.0
+    http: httpx.AsyncClient, resource_id: str, version: int | None = None, within: float = 30.0
 ) -> dict[str, Any]:
-    """Poll `GET /resources/{id}` until the ETL of `version` has ended; return the resource."""
+    """Poll `GET /resources/{id}` until the ETL of `version` (or of the current version) has
+    ended; return the resource. An API that does not answer for a while (restarting) is
+    asked again."""
     deadline = time.monotonic() + within
-    body: dict[str, Any] = {}
+    last: object = None
     while time.monotonic() < deadline:
-        response = await http.get(f"/resources/{resource_id}")
-        if response.status_code == 200:
-            body = response.json()
-            if body["etl"]["version"] == version and body["etl"]["status"] in TERMINAL:
+        try:
+            response = await http.get(f"/resources/{resource_id}")
+        except httpx.TransportError as error:
+            last = error
+        else:
+            if (body := ended_etl(response, version)) is not None:
                 return body
+            last = response.text
         await asyncio.sleep(0.05)
-    raise AssertionError(f"the ETL of {resource_id} v{version} did not end; last seen: {body}")
+    raise AssertionError(f"the ETL of {resource_id} v{version} did not end; last seen: {last}")
+
+
+def wait_for_etl_sync(
+    http: httpx.Client, resource_id: str, version: int | None = None, within: float = 30.0
+) -> dict[str, Any]:
+    """`wait_for_etl` for tests that are not async."""
+    deadline = time.monotonic() + within
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            response = http.get(f"/resources/{resource_id}")
+        except httpx.TransportError as error:
+            last = error
+        else:
+            if (body := ended_etl(response, version)) is not None:
+                return body
+            last = response.text
+        time.sleep(0.05)
+    raise AssertionError(f"the ETL of {resource_id} v{version} did not end; last seen: {last}")

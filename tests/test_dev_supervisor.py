@@ -1,6 +1,6 @@
 """`make dev` supervises its processes: a dead one is restarted with backoff, the rest runs on.
 
-The end-to-end tests start the real `upsertflow-dev` process on free ports and a
+The end-to-end tests start the real `make dev` process on free ports and a
 data directory of their own, SIGKILL its children one at a time (the worker in
 the middle of ETLs, the API, the enrichment service in the middle of ETLs, the
 Temporal dev server, PostgreSQL) and check that each comes back, that the API
@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
-import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
-from upsertflow.dev import Child, RestartPolicy, Supervisor, describe_exit, postmaster_pid
-
-T = TypeVar("T")
+from devstack import postmaster_pid
+from devstack.processes import Child, Processes, describe_exit
+from devstack.supervisor import RestartPolicy, Supervisor
+from tests.helpers import wait_for_etl_sync
+from tests.makedev import CHILDREN, MakeDev, eventually
 
 #: How long the slowed-down enrichment service takes to answer one batch.
 LATENCY_MS = 3000
@@ -39,188 +35,13 @@ LATENCY_MS = 3000
 BATCH_SIZE = 2
 EMAILS = 4
 
-#: What identifies each supervised child in its command line.
-CHILDREN = {
-    "enrichment service": "-m\0enrichment_service",
-    "worker": "-m\0worker",
-    "api": "-m\0api",
-    "Temporal dev server": "start-dev",
-}
-
-
-def eventually(probe: Callable[[], T | None], what: str, within: float, every: float = 0.1) -> T:
-    """Poll `probe` until it returns something other than None; fail after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        time.sleep(every)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[1])
-
-
-class DevProcess:
-    """`upsertflow-dev` in a subprocess, on free ports and a folder of its own."""
-
-    def __init__(self) -> None:
-        # Not under pytest's temporary directory: as root, PostgreSQL runs as the user
-        # `pgserver`, who must traverse every parent folder, and every pytest session that
-        # starts makes /tmp/pytest-of-<user> private again.
-        self.root = Path(tempfile.mkdtemp(prefix="upsertflow-dev-supervisor-"))
-        self.data_dir = self.root / "data"
-        self.api_port = free_port()
-        self.enrichment_port = free_port()
-        self.env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("TEMPORAL_", "UPSERTFLOW_", "ENRICHMENT_"))
-            and key != "DATABASE_URL"
-        }
-        self.env.update(
-            PYTHONUNBUFFERED="1",
-            PYTHONPATH=str(REPO_ROOT),
-            UPSERTFLOW_DATA_DIR=str(self.data_dir),
-            UPSERTFLOW_API_PORT=str(self.api_port),
-            UPSERTFLOW_DEV_TEMPORAL_PORT=str(free_port()),
-            UPSERTFLOW_DEV_TEMPORAL_UI_PORT=str(free_port()),
-            UPSERTFLOW_DEV_ENRICHMENT_PORT=str(self.enrichment_port),
-            UPSERTFLOW_ENRICHMENT__BATCH_SIZE=str(BATCH_SIZE),
-            UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS="1",
-        )
-        self.log_path = self.root / "dev.log"
-        self.process: subprocess.Popen[bytes] | None = None
-        #: Every child pid seen, with its command line: all must be gone at the end.
-        self.seen: dict[int, bytes] = {}
-        self.api = httpx.Client(base_url=f"http://127.0.0.1:{self.api_port}", timeout=10)
-        self.enrichment = httpx.Client(
-            base_url=f"http://127.0.0.1:{self.enrichment_port}", timeout=10
-        )
-
-    def start(self, within: float = 90.0) -> None:
-        with self.log_path.open("ab") as log:
-            # The folder as working directory: no `.env` of the checkout is read.
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "upsertflow.dev"],
-                env=self.env,
-                cwd=self.root,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        def ready() -> bool | None:
-            assert self.process is not None and self.process.poll() is None, (
-                f"make dev exited:\n{self.log()}"
-            )
-            return True if "upsertflow is running" in self.log() and self.api_ready() else None
-
-        eventually(ready, "the stack to start", within, 0.2)
-        self.children()
-
-    def api_ready(self) -> bool:
-        try:
-            return self.api.get("/readyz", timeout=2).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    def enrichment_ready(self) -> bool | None:
-        try:
-            return True if self.enrichment.get("/healthz", timeout=2).status_code == 200 else None
-        except httpx.TransportError:
-            return None
-
-    def children(self) -> dict[str, int]:
-        """The supervised children running now, by name (PostgreSQL runs detached)."""
-        assert self.process is not None
-        found: dict[str, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or _ppid(int(entry.name)) != self.process.pid:
-                continue
-            pid, command = int(entry.name), _cmdline(int(entry.name))
-            for name, marker in CHILDREN.items():
-                if marker.encode() in command:
-                    found[name] = pid
-                    self.seen[pid] = command
-        if (postmaster := postmaster_pid(self.data_dir / "postgres")) is not None:
-            found["PostgreSQL"] = postmaster
-            self.seen[postmaster] = _cmdline(postmaster)
-        return found
-
-    def kill(self, name: str) -> int:
-        """SIGKILL one child; return its pid."""
-        pid = self.children()[name]
-        os.kill(pid, signal.SIGKILL)
-        return pid
-
-    def restarted(self, name: str, old_pid: int, within: float = 15.0) -> int:
-        """Wait until `name` runs again under a new pid and the supervisor logged it."""
-
-        def probe() -> int | None:
-            pid = self.children().get(name)
-            if pid is None or pid == old_pid:
-                return None
-            return pid if f"{name} restarted (pid {pid}, restart #" in self.log() else None
-
-        try:
-            return eventually(probe, f"{name} to be restarted", within)
-        except AssertionError as error:
-            raise AssertionError(f"{error}\n{self.log()}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, within: float = 60.0) -> int:
-        """SIGTERM, as a process manager would; return the exit code."""
-        process, self.process = self.process, None
-        if process is None:
-            return 0
-        process.terminate()
-        try:
-            return process.wait(within)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise AssertionError(
-                f"make dev did not stop on SIGTERM:\n{self.log()[-5000:]}"
-            ) from None
-
-    def leftovers(self) -> list[int]:
-        """Children seen during the test that still run (same pid, same command line)."""
-        return [pid for pid, command in self.seen.items() if command and _cmdline(pid) == command]
-
-    def close(self) -> None:
-        """Stop everything this test started, whatever state the test left it in."""
-        try:
-            self.stop()
-        finally:
-            self.children_cleanup()
-            self.api.close()
-            self.enrichment.close()
-            shutil.rmtree(self.root, ignore_errors=True)
-
-    def children_cleanup(self) -> None:
-        for pid in self.leftovers():
-            os.kill(pid, signal.SIGKILL)
-
 
 @pytest.fixture
-def dev() -> Iterator[DevProcess]:
-    stack = DevProcess()
+def dev() -> Iterator[MakeDev]:
+    stack = MakeDev(
+        UPSERTFLOW_ENRICHMENT__BATCH_SIZE=str(BATCH_SIZE),
+        UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS="1",
+    )
     try:
         yield stack
     finally:
@@ -232,7 +53,7 @@ def _resource_body(resource_id: str) -> dict[str, Any]:
     return {"attributes": {"name": resource_id}, "info": {"Contacts": contacts}}
 
 
-def _put_async(dev: DevProcess, resource_id: str) -> None:
+def _put_async(dev: MakeDev, resource_id: str) -> None:
     response = dev.api.put(
         f"/resources/{resource_id}",
         json=_resource_body(resource_id),
@@ -245,11 +66,11 @@ def _new_ids(prefix: str, count: int) -> list[str]:
     return [f"{prefix}-{uuid.uuid4().hex[:8]}" for _ in range(count)]
 
 
-def _slow_enrichment(dev: DevProcess, latency_ms: int = LATENCY_MS) -> None:
+def _slow_enrichment(dev: MakeDev, latency_ms: int = LATENCY_MS) -> None:
     dev.enrichment.put("/_faults", json={"latency_ms": latency_ms}).raise_for_status()
 
 
-def _all_in_enrich(dev: DevProcess, count: int) -> None:
+def _all_in_enrich(dev: MakeDev, count: int) -> None:
     """Wait until `count` enrich requests are in flight: every ETL is inside its `enrich`."""
 
     def probe() -> bool | None:
@@ -258,29 +79,16 @@ def _all_in_enrich(dev: DevProcess, count: int) -> None:
     eventually(probe, f"{count} enrich requests in flight", 30)
 
 
-def _all_succeeded(dev: DevProcess, resource_ids: list[str], within: float = 45.0) -> None:
+def _all_succeeded(dev: MakeDev, resource_ids: list[str], within: float = 45.0) -> None:
     """Wait until the ETL of every resource has ended; all must have succeeded, enriched."""
-    ended: dict[str, dict[str, Any]] = {}
-
-    def probe() -> bool | None:
-        for resource_id in resource_ids:
-            if resource_id in ended:
-                continue
-            try:
-                response = dev.api.get(f"/resources/{resource_id}")
-            except httpx.TransportError:
-                return None
-            if response.status_code == 200:
-                body = response.json()
-                if body["etl"]["status"] not in ("pending", "running"):
-                    ended[resource_id] = body
-        return True if len(ended) == len(resource_ids) else None
-
-    try:
-        eventually(probe, f"the ETLs of {resource_ids}", within, 0.25)
-    except AssertionError as error:
-        raise AssertionError(f"{error}; ended: {list(ended)}\n{dev.log()[-6000:]}") from None
-    for body in ended.values():
+    deadline = time.monotonic() + within
+    for resource_id in resource_ids:
+        try:
+            body = wait_for_etl_sync(
+                dev.api, resource_id, within=max(1.0, deadline - time.monotonic())
+            )
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{dev.log()[-6000:]}") from None
         assert body["etl"]["status"] == "succeeded", body
         context = body["context"]
         for n in range(EMAILS):
@@ -288,7 +96,7 @@ def _all_succeeded(dev: DevProcess, resource_ids: list[str], within: float = 45.
 
 
 @pytest.mark.e2e
-def test_make_dev_restarts_killed_children_and_etls_finish(dev: DevProcess) -> None:
+def test_make_dev_restarts_killed_children_and_etls_finish(dev: MakeDev) -> None:
     started = time.monotonic()
     phases: dict[str, float] = {}
     dev.start()
@@ -360,7 +168,7 @@ def test_make_dev_restarts_killed_children_and_etls_finish(dev: DevProcess) -> N
 
 
 @pytest.mark.e2e
-def test_make_dev_restarts_its_temporal_and_postgres(dev: DevProcess) -> None:
+def test_make_dev_restarts_its_temporal_and_postgres(dev: MakeDev) -> None:
     dev.start()
 
     temporal = dev.kill("Temporal dev server")
@@ -409,13 +217,14 @@ def _python(code: str) -> list[str]:
 def test_a_crash_looping_child_is_retried_with_growing_waits_and_the_rest_runs_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    supervisor = Supervisor()
+    processes = Processes()
+    supervisor = Supervisor(processes)
     steady = Child("steady", _python("import time; time.sleep(60)"), dict(os.environ))
     crashing = Child("crashing", _python("raise SystemExit(3)"), dict(os.environ), policy=FAST)
-    caplog.set_level(logging.INFO, logger="upsertflow.dev")
+    caplog.set_level(logging.INFO, logger="devstack")
     try:
-        supervisor.start(steady)
-        supervisor.start(crashing)
+        processes.start_child(steady)
+        processes.start_child(crashing)
         steady_pid = steady.pid
         runner = threading.Thread(target=supervisor.run)
         runner.start()
@@ -434,22 +243,23 @@ def test_a_crash_looping_child_is_retried_with_growing_waits_and_the_rest_runs_o
         assert "crashing restarted (pid" in caplog.text
         assert "status: steady up (pid" in caplog.text
     finally:
-        supervisor.stop_all()
+        processes.stop()
     assert steady.process is None and crashing.process is None
 
 
 def test_stop_during_a_backoff_is_prompt_and_stops_the_others_in_reverse_order(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    supervisor = Supervisor()
+    processes = Processes()
+    supervisor = Supervisor(processes)
     slow = RestartPolicy(initial=30.0)
     first = Child("first", _python("import time; time.sleep(60)"), dict(os.environ), grace=5)
     dying = Child("dying", _python("raise SystemExit(1)"), dict(os.environ), policy=slow)
     last = Child("last", _python("import time; time.sleep(60)"), dict(os.environ), grace=5)
-    caplog.set_level(logging.INFO, logger="upsertflow.dev")
+    caplog.set_level(logging.INFO, logger="devstack")
     try:
         for child in (first, dying, last):
-            supervisor.start(child)
+            processes.start_child(child)
         runner = threading.Thread(target=supervisor.run)
         runner.start()
         eventually(lambda: dying.restart_at, "the crash to be noticed", 5, 0.02)
@@ -460,7 +270,7 @@ def test_stop_during_a_backoff_is_prompt_and_stops_the_others_in_reverse_order(
         assert time.monotonic() - asked < 1.0
         assert not runner.is_alive()
     finally:
-        supervisor.stop_all()
+        processes.stop()
     assert dying.restarts == 0
     stops = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stopped ")]
     assert stops == ["stopped last", "stopped dying (it was waiting to restart)", "stopped first"]

@@ -1,8 +1,8 @@
 """Durability on real processes: nothing lost, nothing applied twice.
 
-The module runs servers of its own — an embedded PostgreSQL, the Temporal dev
-server with its state in a SQLite file (so it can be restarted), the local
-enrichment service, the API and one worker, each a separate process — and
+The module runs a dev stack of its own (`devstack.Stack`) — an embedded PostgreSQL,
+the Temporal dev server with its state in a SQLite file (so it can be restarted),
+the local enrichment service, the API and one worker, each a separate process — and
 breaks one of them in the middle of an ETL: the worker killed with SIGKILL,
 Temporal restarted, PostgreSQL stopped for a few seconds, the enrichment service
 answering 503s. Each test then checks what PostgreSQL holds (one version, the
@@ -17,17 +17,10 @@ value is unique to its test, so the counters of one test never mix with another'
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -37,9 +30,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 from temporalio.client import Client
 
-from tests.conftest import REPO_ROOT, free_port, migrate
+from devstack import Stack, StackConfig
+from tests.helpers import wait_for_etl
 from upsertflow import temporal
-from upsertflow.embedded import EmbeddedPostgres, TemporalDevServer, stop_process, wait_for_port
 from upsertflow.models import Resource, ResourceContext, ResourceVersion, StepOutput
 
 pytestmark = pytest.mark.e2e
@@ -54,170 +47,22 @@ LATENCY_MS = 1500
 ETL_WITHIN = 60.0
 
 
-# --- processes ---------------------------------------------------------------------------
-
-
-class Child:
-    """A child process of the test, its output appended to a log file; stopped by its pid."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
-        self.name = name
-        self.args = args
-        self.env = env
-        self.log_path = log_path
-        self.process: subprocess.Popen[bytes] | None = None
-        self._log_offset = 0
-
-    def start(self) -> None:
-        assert not self.running, f"{self.name} is already running"
-        with self.log_path.open("ab") as log:
-            log.write(f"\n--- starting {self.name}\n".encode())
-            log.flush()
-            self._log_offset = log.tell()
-            self.process = subprocess.Popen(
-                self.args, env=self.env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_for_log(self, text: str, within: float) -> None:
-        """Wait until the output of the current run contains `text`."""
-        deadline = time.monotonic() + within
-        while time.monotonic() < deadline:
-            if not self.running:
-                raise AssertionError(f"{self.name} exited while starting:\n{self.log_tail()}")
-            with self.log_path.open("rb") as log:
-                log.seek(self._log_offset)
-                if text.encode() in log.read():
-                    return
-            time.sleep(0.05)
-        raise AssertionError(f"{self.name} did not log {text!r} in {within} s:\n{self.log_tail()}")
-
-    def kill(self) -> None:
-        """SIGKILL: no graceful shutdown, running activities die with the process."""
-        process, self.process = self.process, None
-        if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait(10)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`."""
-        process, self.process = self.process, None
-        if process is not None:
-            stop_process(process, timeout)
-
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
-
-
-class Stack:
-    """PostgreSQL, Temporal (SQLite-backed), the enrichment service, the API and a worker."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.task_queue = f"durability-{uuid.uuid4().hex}"
-        # Not under pytest's temporary directory: as root, PostgreSQL runs as the user
-        # `pgserver`, who must traverse every parent directory, and every pytest session
-        # that starts (another suite running alongside) makes /tmp/pytest-of-<user> 0700.
-        self.postgres_root = Path(tempfile.mkdtemp(prefix="upsertflow-durability-pg-"))
-        self.postgres = EmbeddedPostgres(self.postgres_root / "data", delete_on_stop=True)
-        self.temporal_db = root / "temporal.sqlite"
-        self.temporal_log = (root / "temporal.log").open("ab")
-        self.temporal = TemporalDevServer(
-            db_file=self.temporal_db, port=free_port(), ui_port=None, log_file=self.temporal_log
-        )
-        self.enrichment_port = free_port()
-        self.enrichment_url = f"http://127.0.0.1:{self.enrichment_port}"
-        self.api_port = free_port()
-        self.api_url = f"http://127.0.0.1:{self.api_port}"
-        self.database_url = ""
-        self.children: list[Child] = []
-
-    def env(self) -> dict[str, str]:
-        """The children's environment: what this module sets, no TEMPORAL_* from the shell."""
-        env = {
-            key: value
-            for key, value in os.environ.items()
-            if not key.startswith(("TEMPORAL_", "UPSERTFLOW_", "ENRICHMENT_"))
-            and key != "DATABASE_URL"
-        }
-        env.update(
-            PYTHONUNBUFFERED="1",
-            DATABASE_URL=self.database_url,
-            TEMPORAL_ADDRESS=self.temporal.address,
-            TEMPORAL_NAMESPACE="default",
-            UPSERTFLOW_TASK_QUEUE=self.task_queue,
-            UPSERTFLOW_ENRICHMENT__URL=self.enrichment_url,
-            UPSERTFLOW_ENRICHMENT__BATCH_SIZE=str(BATCH_SIZE),
-            UPSERTFLOW_API_PORT=str(self.api_port),
-            UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS="1",
-        )
-        return env
-
-    def _child(self, name: str, *args: str) -> Child:
-        log_path = self.root / f"{name.replace(' ', '-')}.log"
-        child = Child(name, [sys.executable, "-m", *args], self.env(), log_path)
-        self.children.append(child)
-        return child
-
-    def start(self) -> None:
-        self.database_url = self.postgres.start()
-        migrate(self.database_url)
-        self.temporal.start()
-        self.enrichment = self._child(
-            "enrichment service", "enrichment_service", "--port", str(self.enrichment_port)
-        )
-        self.api = self._child("api", "api")
-        self.worker = self._child("worker", "worker")
-        for child in self.children:
-            child.start()
-        assert self.enrichment.process is not None and self.api.process is not None
-        wait_for_port("127.0.0.1", self.enrichment_port, 30, self.enrichment.process)
-        wait_for_port("127.0.0.1", self.api_port, 30, self.api.process)
-        self.worker.wait_for_log("worker started", 30)
-
-    def ensure_worker(self) -> None:
-        """Start the worker again if a test left it dead."""
-        if not self.worker.running:
-            self.start_worker()
-
-    def start_worker(self) -> None:
-        self.worker.start()
-        self.worker.wait_for_log("worker started", 30)
-
-    def stop(self) -> None:
-        """Stop every process, the worker first and the servers last, whatever fails."""
-        errors: list[Exception] = []
-        stops: list[Callable[[], None]] = [child.stop for child in reversed(self.children)]
-        stops += [self.temporal.stop, self.postgres.stop, self.temporal_log.close]
-        for stop in stops:
-            try:
-                stop()
-            except Exception as error:
-                errors.append(error)
-        shutil.rmtree(self.postgres_root, ignore_errors=True)
-        if errors:
-            raise errors[0]
-
-    def logs(self) -> str:
-        """The tail of the worker's and the API's output, for failure messages."""
-        return "\n".join(
-            f"=== {child.name} ===\n{child.log_tail()}"
-            for child in self.children
-            if child.name != "enrichment service"
-        )
-
-
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    servers = Stack(tmp_path_factory.mktemp("durability"))
-    try:
-        servers.start()
+def stack() -> Iterator[Stack]:
+    """The dev stack, Temporal on a SQLite file so that it can be restarted, in a folder under
+    /tmp of its own (not pytest's: as root, PostgreSQL runs as the user `pgserver`, who must
+    traverse every parent folder, and every pytest session that starts makes
+    /tmp/pytest-of-<user> private again)."""
+    config = StackConfig(
+        temporal_ui_port=None,
+        env={
+            "UPSERTFLOW_TASK_QUEUE": f"durability-{uuid.uuid4().hex}",
+            "UPSERTFLOW_ENRICHMENT__BATCH_SIZE": str(BATCH_SIZE),
+            "UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS": "1",
+        },
+    )
+    with Stack(config) as servers:
         yield servers
-    finally:
-        servers.stop()
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +110,8 @@ async def service(stack: Stack) -> AsyncIterator[EnrichmentAdmin]:
 @pytest.fixture
 async def enrichment(stack: Stack, service: EnrichmentAdmin) -> AsyncIterator[EnrichmentAdmin]:
     """For one test: a running worker, counters and faults reset, faults removed afterwards."""
-    stack.ensure_worker()
+    if not stack.worker.running:
+        stack.worker.start()
     await service.reset()
     try:
         yield service
@@ -276,7 +122,7 @@ async def enrichment(stack: Stack, service: EnrichmentAdmin) -> AsyncIterator[En
 @pytest.fixture(scope="module")
 async def client(stack: Stack) -> Client:
     return await temporal.connect(
-        env={"TEMPORAL_ADDRESS": stack.temporal.address}, target_host=stack.temporal.address
+        env={"TEMPORAL_ADDRESS": stack.temporal_address}, target_host=stack.temporal_address
     )
 
 
@@ -356,22 +202,10 @@ async def upsert(api: httpx.AsyncClient, resource: Contacts) -> dict[str, Any]:
 
 async def finished_etl(api: httpx.AsyncClient, stack: Stack, resource: Contacts) -> dict[str, Any]:
     """Wait until the ETL of the resource has ended; return the resource as the API shows it."""
-
-    async def probe() -> dict[str, Any] | None:
-        try:
-            response = await api.get(f"/resources/{resource.resource_id}")
-        except httpx.TransportError:
-            return None
-        if response.status_code != 200:
-            return None
-        body: dict[str, Any] = response.json()
-        ended = body["etl"]["status"] in {"succeeded", "failed", "superseded", "cancelled"}
-        return body if ended else None
-
     try:
-        return await eventually(probe, f"the ETL of {resource.resource_id}", ETL_WITHIN, 0.2)
+        return await wait_for_etl(api, resource.resource_id, version=1, within=ETL_WITHIN)
     except AssertionError as error:
-        raise AssertionError(f"{error}\n{stack.logs()}") from None
+        raise AssertionError(f"{error}\n{stack.tails()}") from None
 
 
 async def recorded_heartbeat(client: Client, workflow_id: str) -> int | None:
@@ -442,7 +276,7 @@ async def stored(stack: Stack, resource_id: str) -> Stored:
 
 async def assert_processed_once(stack: Stack, resource: Contacts, done: dict[str, Any]) -> Stored:
     """The ETL succeeded, exactly one version exists, its context is complete, nothing is left."""
-    assert done["etl"]["status"] == "succeeded", f"{done}\n{stack.logs()}"
+    assert done["etl"]["status"] == "succeeded", f"{done}\n{stack.tails()}"
     assert (done["version"], done["context_version"]) == (1, 1)
     assert done["context"] == resource.context
     row = await stored(stack, resource.resource_id)
@@ -494,7 +328,8 @@ async def killed_mid_enrich(
     stack: Stack, api: httpx.AsyncClient, service: EnrichmentAdmin, client: Client
 ) -> AsyncIterator[KilledMidEnrich]:
     """Run two slow ETLs, SIGKILL the worker in the middle of both, start a new worker."""
-    stack.ensure_worker()
+    if not stack.worker.running:
+        stack.worker.start()
     await service.reset()
     await service.faults(latency_ms=LATENCY_MS)
     late, early = contacts(16), contacts(8)  # 8 and 4 batches
@@ -522,7 +357,7 @@ async def killed_mid_enrich(
             early.resource_id: await recorded_heartbeat(client, early_id) or 0,
         }
         stack.worker.kill()
-        stack.start_worker()
+        stack.worker.start()
 
         done = {r.resource_id: await finished_etl(api, stack, r) for r in (late, early)}
         rows = {r.resource_id: await stored(stack, r.resource_id) for r in (late, early)}
@@ -590,7 +425,7 @@ async def test_temporal_restarted_mid_etl_the_etl_completes_once(
 
     stack.temporal.stop()  # SIGTERM
     try:
-        assert stack.temporal_db.stat().st_size > 0
+        assert stack.temporal.db_file is not None and stack.temporal.db_file.stat().st_size > 0
         await asyncio.sleep(1)
     finally:
         stack.temporal.start()

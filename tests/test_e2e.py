@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import free_port
-from upsertflow.embedded import venv_binary
+from devstack import venv_binary
+from tests.helpers import wait_for_etl_sync
+from tests.makedev import MakeDev
 
 pytestmark = pytest.mark.e2e
 
@@ -26,95 +23,28 @@ EXAMPLE = {
 }
 
 
-class DevStack:
-    """`upsertflow-dev` in a subprocess, on free ports and a data directory of its own."""
-
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.api_port = free_port()
-        self.temporal_port = free_port()
-        self.env = {
-            key: value
-            for key, value in os.environ.items()
-            if key not in ("DATABASE_URL", "TEMPORAL_ADDRESS")
-        }
-        self.env.update(
-            UPSERTFLOW_DATA_DIR=str(data_dir),
-            UPSERTFLOW_API_PORT=str(self.api_port),
-            UPSERTFLOW_DEV_TEMPORAL_PORT=str(self.temporal_port),
-            UPSERTFLOW_DEV_TEMPORAL_UI_PORT=str(free_port()),
-            UPSERTFLOW_DEV_ENRICHMENT_PORT=str(free_port()),
-        )
-        self.log_path = data_dir.parent / "dev.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def start(self, timeout: float = 90.0) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "upsertflow.dev"],
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, f"make dev exited:\n{self.log()}"
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise AssertionError(f"the stack was not ready after {timeout} s:\n{self.log()}")
-
-    def stop(self, timeout: float = 60.0) -> int:
-        """Ctrl-C, as a person would; return the exit code."""
-        process, self.process = self.process, None
-        if process is None:
-            return 0
-        process.send_signal(signal.SIGINT)
-        try:
-            return process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise AssertionError(f"make dev did not stop on Ctrl-C:\n{self.log()}") from None
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
-
-
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[DevStack]:
-    dev = DevStack(tmp_path / "data")
+def stack() -> Iterator[MakeDev]:
+    dev = MakeDev()
     try:
         yield dev
     finally:
-        dev.stop()
+        dev.close()
 
 
-def _wait_for_etl(url: str, resource_id: str, version: int) -> dict[str, Any]:
-    deadline = time.monotonic() + 30
-    body: dict[str, Any] = {}
-    while time.monotonic() < deadline:
-        body = httpx.get(f"{url}/resources/{resource_id}", timeout=5).json()
-        if body.get("etl", {}).get("version") == version and body["etl"]["status"] == "succeeded":
-            return body
-        time.sleep(0.1)
-    raise AssertionError(f"ETL of {resource_id} v{version} did not succeed: {body}")
+def _succeeded(stack: MakeDev, resource_id: str, version: int) -> dict[str, Any]:
+    done = wait_for_etl_sync(stack.api, resource_id, version)
+    assert done["etl"]["status"] == "succeeded", done
+    return done
 
 
-def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: DevStack) -> None:
+def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: MakeDev) -> None:
     stack.start()
 
     created = httpx.put(f"{stack.url}/resources/r1", json=EXAMPLE, timeout=30)
     assert created.status_code == 201, created.text
     assert created.json()["version"] == 1
-    done = _wait_for_etl(stack.url, "r1", 1)
+    done = _succeeded(stack, "r1", 1)
     assert done["context"] == {"address.city": "Paris", "age": 42, "active": True}
     assert "empty" not in done["context"]
     assert httpx.get(f"{stack.url}/docs", timeout=5).status_code == 200
@@ -138,7 +68,7 @@ def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: Dev
     workflow_ids = [entry["execution"]["workflowId"] for entry in json.loads(listed.stdout)]
     assert workflow_ids == [done["etl"]["workflow_id"]]
 
-    assert stack.stop() == 0
+    assert stack.stop(signal.SIGINT) == 0  # Ctrl-C, as a person would
     log = stack.log()
     for child in ("api", "worker", "enrichment service", "Temporal dev server", "PostgreSQL"):
         assert f"stopped {child}" in log
@@ -150,4 +80,4 @@ def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: Dev
     updated = httpx.put(f"{stack.url}/resources/r1", json={"info": {"Age": "43"}}, timeout=30)
     assert updated.status_code == 200
     assert updated.json()["version"] == 2
-    assert _wait_for_etl(stack.url, "r1", 2)["context"] == {"age": 43}
+    assert _succeeded(stack, "r1", 2)["context"] == {"age": 43}

@@ -10,15 +10,10 @@ documented schema, and every error must be an `application/problem+json` documen
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -34,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from tests.conftest import free_port
+from devstack import Stack, StackConfig
 
 #: Every resource this module creates has this prefix: it never meets another test's.
 PREFIX = f"fz{uuid.uuid4().hex[:8]}-"
@@ -108,90 +103,28 @@ CHECKS = [
 ]
 
 
-class Process:
-    """`python -m <module>`, its output in a log file."""
-
-    def __init__(self, module: str, env: dict[str, str], log_path: Path) -> None:
-        self.module = module
-        self.log_path = log_path
-        with log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                [sys.executable, "-m", module], env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-
-    def stop(self, timeout: float = 15.0) -> None:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def log(self, tail: int = 8000) -> str:
-        return self.log_path.read_text(errors="replace")[-tail:]
-
-
-class Stack:
-    def __init__(self, url: str, api: Process, worker: Process) -> None:
-        self.url = url
-        self.api = api
-        self.worker = worker
-
-
 @pytest.fixture(scope="module")
-def stack(
-    database_url: str,
-    temporal_address: str,
-    enrichment_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[Stack]:
-    """The API and a worker, as processes on a task queue of their own."""
-    logs = tmp_path_factory.mktemp("openapi-fuzz")
-    port = free_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "TEMPORAL_ADDRESS": temporal_address,
-        "UPSERTFLOW_API_PORT": str(port),
-        "UPSERTFLOW_TASK_QUEUE": f"fuzz-{uuid.uuid4().hex}",
-        "UPSERTFLOW_ENRICHMENT__URL": enrichment_url,
-        "UPSERTFLOW_SYNC_TIMEOUT_SECONDS": "2",
-        "UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS": "2",
-        **LIMITS,
-    }
-    worker = Process("worker", env, logs / "worker.log")
-    api: Process | None = None
-    try:
-        api = Process("api", env, logs / "api.log")
-        running = Stack(f"http://127.0.0.1:{port}", api, worker)
-        _wait_until_ready(running)
+def stack(database_url: str, temporal_address: str, enrichment_url: str) -> Iterator[Stack]:
+    """The API and a worker of the dev stack, as processes on a task queue of their own."""
+    config = StackConfig(
+        database_url=database_url,
+        temporal_address=temporal_address,
+        enrichment_url=enrichment_url,
+        env={
+            "UPSERTFLOW_TASK_QUEUE": f"fuzz-{uuid.uuid4().hex}",
+            "UPSERTFLOW_SYNC_TIMEOUT_SECONDS": "2",
+            "UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS": "2",
+            **LIMITS,
+        },
+    )
+    with Stack(config) as running:
         _seed(running)
         yield running
-    finally:
-        # The API first, so that nothing new starts while the worker stops.
-        if api is not None:
-            api.stop()
-        worker.stop()
-
-
-def _wait_until_ready(stack: Stack, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for process in (stack.api, stack.worker):
-            assert process.popen.poll() is None, f"{process.module} exited:\n{process.log()}"
-        try:
-            if httpx.get(f"{stack.url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"the API was not ready after {timeout} s:\n{stack.api.log()}")
 
 
 def _seed(stack: Stack) -> None:
     """Create the pool's resources and let their ETL end, so later requests find them."""
-    with httpx.Client(base_url=stack.url, timeout=10) as http:
+    with httpx.Client(base_url=stack.api_url, timeout=10) as http:
         for resource_id in POOL:
             response = http.put(
                 f"/resources/{resource_id}",
@@ -225,7 +158,7 @@ def _wait_for_etls(http: httpx.Client, resource_ids: list[str], within: float) -
 @pytest.fixture(scope="module")
 def api_schema(stack: Stack) -> Any:
     """The API's OpenAPI document, as the running server serves it."""
-    schema = schemathesis.openapi.from_url(f"{stack.url}/openapi.json")
+    schema = schemathesis.openapi.from_url(f"{stack.api_url}/openapi.json")
 
     @schema.hook
     def before_generate_path_parameters(context: Any, strategy: Any) -> Any:
@@ -282,7 +215,7 @@ def _call(case: schemathesis.Case[Any], stack: Stack) -> Any:
     try:
         return case.call_and_validate(checks=CHECKS, timeout=30)
     except Exception as error:
-        error.add_note(f"API log ({stack.api.log_path}), last lines:\n{stack.api.log(4000)}")
+        error.add_note(f"API log ({stack.api.log_path}), last lines:\n{stack.api.tail(4000)}")
         raise
 
 
@@ -322,14 +255,14 @@ def test_edge_ids_are_answered_as_documented(
     """Every operation on an id at the edge of the path's rules, with the same checks."""
     if resource_id.startswith(POOL[0]):
         # The fuzzing may have deleted it: these ids are about an existing resource.
-        created = httpx.put(f"{stack.url}/resources/{POOL[0]}", json={}, timeout=10)
+        created = httpx.put(f"{stack.api_url}/resources/{POOL[0]}", json={}, timeout=10)
         assert created.status_code in (200, 201), created.text
     failures: list[str] = []
     for path, methods in api_schema.raw_schema["paths"].items():
         if "{resource_id}" in path:
             for method in set(methods) & {"get", "put", "post", "delete", "patch"}:
                 failures += _edge_failures(api_schema[path][method.upper()], resource_id)
-    assert not failures, "\n\n".join([*failures, f"API log:\n{stack.api.log(4000)}"])
+    assert not failures, "\n\n".join([*failures, f"API log:\n{stack.api.tail(4000)}"])
 
 
 def _edge_failures(operation: Any, resource_id: str) -> list[str]:
@@ -348,11 +281,11 @@ def _edge_failures(operation: Any, resource_id: str) -> list[str]:
 
 def test_every_accepted_upsert_is_processed(stack: Stack) -> None:
     """The fuzzed upserts the API accepted were all processed: none of their ETLs failed."""
-    with httpx.Client(base_url=stack.url, timeout=10) as http:
+    with httpx.Client(base_url=stack.api_url, timeout=10) as http:
         ended = _wait_for_etls(http, sorted(upserted), within=30)
         failed = {
             resource_id: http.get(f"/resources/{resource_id}/etl").json()
             for resource_id, resource in ended.items()
             if resource is not None and resource["etl"]["status"] == "failed"
         }
-    assert not failed, f"{json.dumps(failed, indent=1)}\nworker log:\n{stack.worker.log()}"
+    assert not failed, f"{json.dumps(failed, indent=1)}\nworker log:\n{stack.worker.tail()}"

@@ -43,11 +43,10 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from api.main import create_app
+from devstack import TemporalDevServer, free_port
 from tests.browser import ARTIFACTS, CHROMIUM_ARGS, ChromiumUnavailable, ensure_chromium
-from tests.conftest import free_port
 from tests.helpers import wait_for_etl
 from upsertflow import temporal
-from upsertflow.embedded import TemporalDevServer
 from upsertflow.settings import Enrichment, Settings
 from worker import build_worker, enrichment_client
 
@@ -99,16 +98,15 @@ class TemporalWithUi:
 def temporal_with_ui(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TemporalWithUi]:
     """A Temporal dev server of the module's own (in memory), with its Web UI on a free port."""
     log_path = tmp_path_factory.mktemp("temporal-ui") / "server.log"
-    with log_path.open("wb") as log_file:
-        server = TemporalDevServer(
-            db_file=None, port=free_port(), ui_port=free_port(), log_file=log_file
-        )
-        try:
-            address = server.start()
-            assert server.ui_url is not None
-            yield TemporalWithUi(address=address, ui_url=server.ui_url)
-        finally:
-            server.stop()
+    server = TemporalDevServer(
+        db_file=None, port=free_port(), ui_port=free_port(), log_path=log_path
+    )
+    try:
+        server.start()
+        assert server.ui_url is not None
+        yield TemporalWithUi(address=server.address, ui_url=server.ui_url)
+    finally:
+        server.stop()
 
 
 @pytest.fixture
