@@ -6,11 +6,15 @@
   conditions, migrations and Temporal setup before the API and workers, scalable workers, the
   worker's stop timeout against its graceful shutdown, secrets from the environment;
 - the job that registers the search attributes, run against a real Temporal dev server;
-- the Dockerfile with hadolint, and what its stages install and copy.
+- the Dockerfile with hadolint, and what its stages install and copy;
+- what the image contains: the wheel its builder stage installs, built offline from the
+  sources it copies, holds the application and nothing of the dev stack, the benchmark or
+  the tests.
 """
 
 from __future__ import annotations
 
+import ast
 import graphlib
 import json
 import os
@@ -21,6 +25,7 @@ import sys
 import time
 import tomllib
 import uuid
+import zipfile
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
@@ -29,8 +34,8 @@ from typing import Any
 import pytest
 import yaml
 
-from upsertflow.settings import Settings
 from upsertflow.naming import SEARCH_ATTRIBUTES
+from upsertflow.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -483,25 +488,129 @@ def test_the_final_stage_runs_as_non_root_and_carries_the_migrations() -> None:
     assert final.args("CMD") == ['["upsertflow-api"]']
 
 
-def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
-    patterns = [
+def dockerignore_patterns() -> list[str]:
+    return [
         line.strip()
         for line in DOCKERIGNORE.read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether the build context leaves out `path` (relative to it): the last pattern that
+    matches the path or one of its parent folders decides, `!` bringing it back in."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    ignored = False
+    for pattern in patterns:
+        if any(fnmatch(prefix, pattern.removeprefix("!").strip("/")) for prefix in prefixes):
+            ignored = not pattern.startswith("!")
+    return ignored
+
+
+def context_sources(stage: Stage) -> set[str]:
+    """What a stage copies from the build context."""
+    return {source for origin, paths, _ in stage.copies() if origin is None for source in paths}
+
+
+def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
+    patterns = dockerignore_patterns()
     for required in (".git", ".venv", ".data", "tests", "**/__pycache__", ".mypy_cache"):
         assert required in patterns, required
-    sources = {
-        source
-        for stage in dockerfile_stages()
-        for copied_from, paths, _ in stage.copies()
-        if copied_from is None
-        for source in paths
-    }
+    sources = {source for stage in dockerfile_stages() for source in context_sources(stage)}
     for source in sorted(sources):
         assert (REPO / source).exists(), source
         excluded = [p for p in patterns if not p.startswith("!") and fnmatch(source, p)]
         assert not excluded, f"{source} is copied but .dockerignore excludes it: {excluded}"
+
+
+# ---------------------------------------------------------------- what the image contains
+
+#: Development only: the dev stack (and its deprecated alias), the benchmark, the tests.
+DEV_ONLY = ("devstack", "upsertflow/embedded", "upsertflow/dev.py", "bench", "tests")
+
+
+@pytest.fixture(scope="module")
+def image_wheel(tmp_path_factory: pytest.TempPathFactory) -> zipfile.ZipFile:
+    """The wheel that the builder stage installs (the image's venv holds nothing else of the
+    project), built offline from what the stage copies of the context, as .dockerignore
+    leaves it."""
+    root = tmp_path_factory.mktemp("image")
+    context, wheels = root / "context", root / "wheels"
+    patterns = dockerignore_patterns()
+    for source in context_sources(dockerfile_stages()[0]):
+        if (REPO / source).is_dir():
+            shutil.copytree(
+                REPO / source,
+                context / source,
+                ignore=lambda folder, names: [
+                    name
+                    for name in names
+                    if dockerignored(
+                        os.path.relpath(os.path.join(folder, name), REPO).replace(os.sep, "/"),
+                        patterns,
+                    )
+                ],
+            )
+        else:
+            (context / source).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / source, context / source)
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index"]
+    built = run([*pip, "--quiet", "--wheel-dir", str(wheels), str(context)], timeout=300)
+    assert built.returncode == 0, built.stdout + built.stderr
+    [wheel] = wheels.glob("*.whl")
+    return zipfile.ZipFile(wheel)
+
+
+def test_the_image_carries_the_application_and_no_dev_only_code(
+    image_wheel: zipfile.ZipFile,
+) -> None:
+    names = image_wheel.namelist()
+    setuptools = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    packages = {pattern.rstrip("*") for pattern in setuptools["packages"]["find"]["include"]}
+    modules = {f"{module}.py" for module in setuptools["py-modules"]}
+    shipped = {name.split("/")[0] for name in names if ".dist-info/" not in name}
+    assert shipped == packages | modules
+    dev_only = [name for name in names if name.startswith(DEV_ONLY)]
+    assert not dev_only, f"development-only code in the image: {dev_only}"
+    for module in ("upsertflow/settings.py", "api/main.py", "workflows/upsert.py"):
+        assert module in names
+
+
+def test_the_image_code_imports_nothing_that_is_development_only(
+    image_wheel: zipfile.ZipFile,
+) -> None:
+    dev_only = {"devstack", "bench", "tests", "upsertflow.embedded", "upsertflow.dev"}
+    for name in image_wheel.namelist():
+        if not name.endswith(".py"):
+            continue
+        for node in ast.walk(ast.parse(image_wheel.read(name), name)):
+            if isinstance(node, ast.Import):
+                imported = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported = [node.module]
+            else:
+                continue
+            for module in imported:
+                parents = {".".join(module.split(".")[:n]) for n in range(1, module.count(".") + 2)}
+                assert not parents & dev_only, f"{name} imports {module}"
+
+
+def test_every_command_of_the_image_has_its_module(image_wheel: zipfile.ZipFile) -> None:
+    names = set(image_wheel.namelist())
+    [entry_points] = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    scripts = {}
+    section = ""
+    for line in image_wheel.read(entry_points).decode().splitlines():
+        if line.startswith("["):
+            section = line.strip("[]")
+        elif section == "console_scripts" and "=" in line:
+            command, _, target = (part.strip() for part in line.partition("="))
+            scripts[command] = target.split(":")[0]
+    assert {"upsertflow-api", "upsertflow-worker", "upsertflow-enrichment"} <= set(scripts)
+    for command, module in scripts.items():
+        path = module.replace(".", "/")
+        assert {f"{path}.py", f"{path}/__init__.py"} & names, f"{command}: {module} is missing"
 
 
 def deploying_section() -> str:
