@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for every upsertflow process; the command picks the role:
 #   upsertflow-api (the default) · upsertflow-worker · upsertflow-enrichment · alembic upgrade head
-# docker-compose.yml runs each of them; docs/DEPLOYING.md explains the stack.
+# docker-compose.yml runs each of them; README.md, section "Deploying", explains the stack.
 
 # ---- builder: install the project (not editable, no test or dev extras) into a venv ----
 FROM python:3.11.15-slim-bookworm AS builder

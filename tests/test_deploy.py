@@ -624,3 +624,17 @@ def deploying_section() -> str:
 def test_deploying_is_a_readme_section() -> None:
     text = deploying_section()
     assert "docker compose up --scale worker=3" in text
+
+
+def test_the_deployment_files_cite_what_exists() -> None:
+    """Every document and README section that the Dockerfile, the compose files and the
+    deploy scripts point their reader to exists."""
+    headings = {
+        line.lstrip("#").strip() for line in README.read_text().splitlines() if line.startswith("#")
+    }
+    for path in (DOCKERFILE, COMPOSE_FILE, CLOUD_OVERRIDE, SETUP_NAMESPACE, SETUP_SCHEMA):
+        text = path.read_text()
+        for document in re.findall(r"[\w./-]+\.md\b", text):
+            assert (REPO / document).is_file(), f"{path.name} cites {document}: there is none"
+        for section in re.findall(r'README\.md, (?:section )?"([^"]+)"', text):
+            assert section in headings, f"{path.name} cites the README section {section!r}"

@@ -4,7 +4,7 @@
 # every `docker compose up` (in the temporalio/admin-tools image); run it by hand against
 # any self-hosted cluster:
 #   TEMPORAL_ADDRESS=temporal.internal:7233 TEMPORAL_NAMESPACE=upsertflow sh deploy/temporal/setup-namespace.sh
-# (Temporal Cloud: use the Cloud UI or `tcld`, see docs/DEPLOYING.md.)
+# (Temporal Cloud: use the Cloud UI or `tcld`, see README.md, "Pointing at Temporal Cloud".)
 set -eu
 
 : "${TEMPORAL_ADDRESS:=temporal:7233}"
