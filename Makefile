@@ -28,7 +28,7 @@ test: $(STAMP) ## Run the whole test suite offline on the embedded components
 	$(BIN)/python -m pytest
 
 record-histories: $(STAMP) ## Record workflow histories of real runs for the replay tests (tests/histories)
-	$(BIN)/python -m pytest tests/histories/record.py -q
+	$(BIN)/python -m tests.histories.record
 
 bench: $(STAMP) ## Benchmark upsertflow against a baseline measured in the same run (bench/RESULTS.md)
 	$(BIN)/python -m bench.upserts

@@ -1,99 +1,137 @@
 """Record `UpsertWorkflow` histories of real runs for the replay tests: `make record-histories`.
 
-Each scenario runs on the suite's real components (PostgreSQL, the Temporal dev
-server, the enrichment service, the project's worker) and writes the history of
-its workflow next to this file. Record afresh only when the change to workflow
-code is meant to break old histories, which running workflows would not survive;
-otherwise keep the old histories and guard the change with `workflow.patched()`.
+A recorder, not a test: `python -m tests.histories.record [--out DIR]`. It starts the
+dev stack (`devstack.Stack`: PostgreSQL, the Temporal dev server, the enrichment
+service, a worker and the API, each a process of its own), runs each scenario over
+HTTP and writes the history of its workflow to DIR (next to this file by default).
+Record afresh only when the change to workflow code is meant to break old histories,
+which running workflows would not survive; otherwise keep the old histories and guard
+the change with `workflow.patched()`.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
-from temporalio.client import Client
-from temporalio.worker import Worker
+from temporalio.client import Client, WorkflowFailureError
 
+from devstack import Stack
 from tests.helpers import TERMINAL, wait_for_etl
+from upsertflow import temporal
 from workflows.upsert import UpsertWorkflow
 
 HERE = Path(__file__).parent
 
 
-async def _save(client: Client, workflow_id: str, name: str) -> None:
-    handle = client.get_workflow_handle_for(UpsertWorkflow.run, workflow_id)
-    history = await handle.fetch_history()
-    (HERE / f"{name}.json").write_text(history.to_json())
+class Recorder:
+    """The API and the enrichment service's admin API over HTTP, Temporal to fetch histories."""
+
+    def __init__(
+        self, api: httpx.AsyncClient, enrichment: httpx.AsyncClient, client: Client, out: Path
+    ) -> None:
+        self.api = api
+        self.enrichment = enrichment
+        self.client = client
+        self.out = out
+
+    async def faults(self, **faults: Any) -> None:
+        (await self.enrichment.delete("/_faults")).raise_for_status()
+        if faults:
+            (await self.enrichment.put("/_faults", json=faults)).raise_for_status()
+
+    async def put(self, resource_id: str, info: dict[str, Any]) -> str:
+        """Upsert; return the workflow id of its ETL."""
+        response = await self.api.put(f"/resources/{resource_id}", json={"info": info})
+        assert response.status_code in (200, 201), response.text
+        workflow_id: str = response.json()["etl"]["workflow_id"]
+        return workflow_id
+
+    async def save(self, workflow_id: str, name: str) -> None:
+        """Write the workflow's whole history, once it has closed, to `<name>.json`."""
+        handle = self.client.get_workflow_handle_for(UpsertWorkflow.run, workflow_id)
+        with contextlib.suppress(WorkflowFailureError):
+            await handle.result()
+        history = await handle.fetch_history()
+        (self.out / f"{name}.json").write_text(history.to_json())
+        print(f"recorded {name}.json ({workflow_id})")
 
 
-async def test_record_succeeded(
-    api: httpx.AsyncClient, worker: Worker, client: Client, resource_id: str
-) -> None:
-    created = await api.put(
-        f"/resources/{resource_id}",
-        json={"info": {"Contact": {"Email": "a@example.org", "Country": "FR"}, "Age": "42"}},
-    )
-    await wait_for_etl(api, resource_id, version=1)
-    await _save(client, created.json()["etl"]["workflow_id"], "succeeded")
+async def succeeded(rec: Recorder) -> None:
+    info = {"Contact": {"Email": "a@example.org", "Country": "FR"}, "Age": "42"}
+    workflow_id = await rec.put("rec-succeeded", info)
+    await wait_for_etl(rec.api, "rec-succeeded", version=1)
+    await rec.save(workflow_id, "succeeded")
 
 
-async def test_record_succeeded_after_retries(
-    api: httpx.AsyncClient,
-    worker: Worker,
-    client: Client,
-    enrichment: httpx.AsyncClient,
-    resource_id: str,
-) -> None:
-    await enrichment.put("/_faults", json={"fail_next": 2, "error_status": 503})
-    created = await api.put(f"/resources/{resource_id}", json={"info": {"country": "DE"}})
-    await wait_for_etl(api, resource_id, version=1)
-    await _save(client, created.json()["etl"]["workflow_id"], "succeeded_after_retries")
+async def succeeded_after_retries(rec: Recorder) -> None:
+    await rec.faults(fail_next=2, error_status=503)
+    workflow_id = await rec.put("rec-retries", {"country": "DE"})
+    await wait_for_etl(rec.api, "rec-retries", version=1)
+    await rec.save(workflow_id, "succeeded_after_retries")
 
 
-async def test_record_failed_then_retried(
-    api: httpx.AsyncClient,
-    worker: Worker,
-    client: Client,
-    enrichment: httpx.AsyncClient,
-    resource_id: str,
-) -> None:
-    await enrichment.put("/_faults", json={"fail_next": 1, "error_status": 400})
-    created = await api.put(f"/resources/{resource_id}", json={"info": {"country": "IT"}})
-    await wait_for_etl(api, resource_id, version=1)
-    await _save(client, created.json()["etl"]["workflow_id"], "failed")
-    retry = await api.post(f"/resources/{resource_id}/etl/retry")
-    retry_id = retry.json()["workflow_id"]
-    await client.get_workflow_handle_for(UpsertWorkflow.run, retry_id).result()
-    await _save(client, retry_id, "retried")
+async def failed_then_retried(rec: Recorder) -> None:
+    await rec.faults(fail_next=1, error_status=400)
+    workflow_id = await rec.put("rec-failed", {"country": "IT"})
+    await wait_for_etl(rec.api, "rec-failed", version=1)
+    await rec.save(workflow_id, "failed")
+    retry = await rec.api.post("/resources/rec-failed/etl/retry")
+    await rec.save(retry.json()["workflow_id"], "retried")
 
 
-async def test_record_superseded(
-    api: httpx.AsyncClient,
-    worker: Worker,
-    client: Client,
-    enrichment: httpx.AsyncClient,
-    resource_id: str,
-) -> None:
-    await enrichment.put("/_faults", json={"latency_ms": 1000})
-    first = await api.put(f"/resources/{resource_id}", json={"info": {"country": "ES"}})
-    await api.put(f"/resources/{resource_id}", json={"info": {"country": "PT"}})
-    await wait_for_etl(api, resource_id, version=2)
-    handle = client.get_workflow_handle_for(UpsertWorkflow.run, first.json()["etl"]["workflow_id"])
+async def superseded(rec: Recorder) -> None:
+    await rec.faults(latency_ms=1000)
+    first = await rec.put("rec-superseded", {"country": "ES"})
+    await rec.put("rec-superseded", {"country": "PT"})
+    await wait_for_etl(rec.api, "rec-superseded", version=2)
+    handle = rec.client.get_workflow_handle_for(UpsertWorkflow.run, first)
     assert (await handle.result()).status in TERMINAL
-    await _save(client, handle.id, "superseded")
+    await rec.save(first, "superseded")
 
 
-async def test_record_cancelled(
-    api: httpx.AsyncClient,
-    worker: Worker,
-    client: Client,
-    enrichment: httpx.AsyncClient,
-    resource_id: str,
-) -> None:
-    await enrichment.put("/_faults", json={"latency_ms": 2000})
-    created = await api.put(f"/resources/{resource_id}", json={"info": {"country": "NL"}})
+async def cancelled(rec: Recorder) -> None:
+    await rec.faults(latency_ms=2000)
+    workflow_id = await rec.put("rec-cancelled", {"country": "NL"})
     await asyncio.sleep(0.5)
-    assert (await api.delete(f"/resources/{resource_id}")).status_code == 204
-    await _save(client, created.json()["etl"]["workflow_id"], "cancelled")
+    assert (await rec.api.delete("/resources/rec-cancelled")).status_code == 204
+    await rec.save(workflow_id, "cancelled")
+
+
+SCENARIOS: list[Callable[[Recorder], Awaitable[None]]] = [
+    succeeded,
+    succeeded_after_retries,
+    failed_then_retried,
+    superseded,
+    cancelled,
+]
+
+
+async def record(stack: Stack, out: Path) -> None:
+    client = await temporal.connect(env={"TEMPORAL_ADDRESS": stack.temporal_address})
+    async with (
+        httpx.AsyncClient(base_url=stack.api_url, timeout=30) as api,
+        httpx.AsyncClient(base_url=stack.enrichment_url, timeout=10) as enrichment,
+    ):
+        recorder = Recorder(api, enrichment, client, out)
+        for scenario in SCENARIOS:
+            await recorder.faults()
+            await scenario(recorder)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tests.histories.record", description=__doc__)
+    parser.add_argument("--out", type=Path, default=HERE, help="where to write the histories")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with Stack() as stack:
+        asyncio.run(record(stack, args.out))
+
+
+if __name__ == "__main__":
+    main()
