@@ -264,12 +264,17 @@ class Processes:
         self.children.append(child)  # before launching: stopped even if its start fails
         child.start(timeout)
 
+    @property
+    def parts(self) -> list[Child]:
+        """Every child, started or not (here: the started ones)."""
+        return self.children
+
     def child(self, name: str) -> Child:
         """The child called `name`."""
-        for child in self.children:
+        for child in self.parts:
             if child.name == name:
                 return child
-        raise KeyError(f"no child {name!r}; there are {[c.name for c in self.children]}")
+        raise KeyError(f"no child {name!r}; there are {[c.name for c in self.parts]}")
 
     def check_alive(self) -> None:
         """Raise if a child has ended, with the end of its log."""

@@ -198,12 +198,6 @@ class Stack(Processes):
         servers: list[Child | None] = [self._postgres, self._temporal, self._enrichment]
         return [child for child in servers if child is not None] + self.workers + self.apis
 
-    def child(self, name: str) -> Child:
-        for child in self.parts:
-            if child.name == name:
-                return child
-        raise KeyError(f"no child {name!r}; there are {[c.name for c in self.parts]}")
-
     @property
     def postgres(self) -> EmbeddedPostgres:
         if self._postgres is None:
