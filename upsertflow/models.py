@@ -139,6 +139,24 @@ class ResourceContext(Base):
     record_count: Mapped[int | None] = mapped_column(Integer)
 
 
+class ResourceContextChunk(Base):
+    """A context's records in path order, 1,000 to a chunk: what pages of it are read from.
+
+    Written by a trigger on `resource_contexts` (migration 0004) whenever a context
+    is, so they always agree with `ResourceContext.records`.
+    """
+
+    __tablename__ = "resource_context_chunks"
+
+    resource_id: Mapped[str] = mapped_column(
+        Text, ForeignKey("resource_contexts.resource_id", ondelete="CASCADE"), primary_key=True
+    )
+    #: The chunk's last path (in `COLLATE "C"` order): chunks are found by it.
+    last_path: Mapped[str] = mapped_column(Text(collation="C"), primary_key=True)
+    record_count: Mapped[int] = mapped_column(Integer)
+    records: Mapped[dict[str, Any]] = mapped_column(JSONB)
+
+
 class ResourceTombstone(Base):
     """The last version of a deleted resource: versions of an id never go backwards.
 
