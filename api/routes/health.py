@@ -7,9 +7,9 @@ import asyncio
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
-from sqlalchemy import text
 
 from api.deps import SessionDep, TemporalDep
+from upsertflow.store.health import ping
 
 router = APIRouter(tags=["health"])
 
@@ -38,7 +38,7 @@ async def readyz(session: SessionDep, client: TemporalDep) -> JSONResponse:
     checks: dict[str, str] = {}
     try:
         async with asyncio.timeout(_CHECK_TIMEOUT_SECONDS):
-            await session.execute(text("SELECT 1"))
+            await ping(session)
         checks["database"] = "ok"
     except Exception as error:  # any failure means "not ready"
         checks["database"] = f"unreachable: {type(error).__name__}"
