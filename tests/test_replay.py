@@ -38,9 +38,11 @@ async def test_recorded_history_replays(scenario: str) -> None:
 def _add_a_step(monkeypatch: pytest.MonkeyPatch) -> int:
     """Declare a new pipeline version with one more step, as a change to pipeline.py would."""
     current = pipeline.PIPELINES[max(pipeline.PIPELINES)]
-    renormalize = dataclasses.replace(current[0], name="renormalize")
+    first, *rest = current.steps
+    renormalize = dataclasses.replace(first, name="renormalize")
     version = max(pipeline.PIPELINES) + 1
-    monkeypatch.setitem(pipeline.PIPELINES, version, (current[0], renormalize, *current[1:]))
+    changed = dataclasses.replace(current, steps=(first, renormalize, *rest))
+    monkeypatch.setitem(pipeline.PIPELINES, version, changed)
     return version
 
 

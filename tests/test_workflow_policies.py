@@ -70,7 +70,9 @@ class Fakes:
     async def _act(self, name: str) -> int:
         info = activity.info()
         self.attempts[name] = info.attempt
-        now = info.current_attempt_scheduled_time
+        # The server's clock (a local activity's scheduled time is the worker's clock).
+        assert self.env is not None
+        now = await self.env.get_current_time()
         self.first_scheduled.setdefault(name, now)
         self.last_scheduled[name] = now
         behaviour = self.behaviour.get(name, "ok")
@@ -93,7 +95,7 @@ class Fakes:
         @activity.defn(name="persist")
         async def persist(request: PersistInput) -> Persisted:
             await self._act("persist")
-            now = activity.info().current_attempt_scheduled_time
+            now = self.last_scheduled["persist"]
             return Persisted(
                 resource_id=request.resource_id,
                 version=1,
@@ -142,6 +144,7 @@ async def _register_search_attributes(env: WorkflowEnvironment) -> None:
 async def _run(env: WorkflowEnvironment, fakes: Fakes) -> EtlProgress | WorkflowFailureError:
     """Run one UpsertWorkflow with the fakes; return its result or its failure."""
     await _register_search_attributes(env)
+    fakes.env = env
     task_queue = f"tq-{uuid.uuid4().hex}"
     async with Worker(
         env.client, task_queue=task_queue, workflows=[UpsertWorkflow], activities=fakes.activities()

@@ -1,21 +1,21 @@
 """Every activity call of the workflows, with its policy, declared in one place.
 
-- `PIPELINES`: the ETL pipeline — ordered steps, each an activity with its own
-  timeouts and retry policy — by version. A running workflow keeps the version
-  it started with (recorded with `workflow.patched`), so a change here never
-  breaks it. `PIPELINE` is the newest: new workflows run it.
-- `PERSIST`, `CLAIM_ETL`, `RECORD_OUTCOME`: the calls around the pipeline.
+`PIPELINES` holds each version of the pipeline: the ETL steps in order — each an
+activity with its own timeouts and retry policy — and the calls around them
+(`persist`, `claim_etl`, `record_outcome`). A running workflow keeps the version
+it started with (recorded with `workflow.patched`), so a change here never breaks
+it; new workflows run the newest.
 
 Every step takes a `StepInput` and returns a `StepResult`; it reads the output of
 the step before it (the first step reads the raw `info`) from PostgreSQL and
 stores its own. The last step loads.
 
-To change the pipeline — add, remove or reorder a step, or change what a step
-computes — write the activity (a method of a class in `activities/`), then add a
-new entry `N+1` to `PIPELINES` with the new list of steps, and keep the old
-entries while workflows that started on them may still run. The worker registers
-every activity the entries name. Changing only a step's timeouts or retry policy
-in place is safe for running workflows.
+To change the pipeline — add, remove or reorder a step, change what a step
+computes or how it runs — write the activity (a method of a class in
+`activities/`), then add an entry `N+1` to `PIPELINES`, and keep the old entries
+while workflows that started on them may still run. The worker registers every
+activity the entries name (`ACTIVITIES`). Changing only a step's timeouts or
+retry policy in place is safe for running workflows.
 """
 
 from __future__ import annotations
@@ -23,32 +23,38 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
+from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 from activities.enrich import EnrichActivities
 from activities.resources import ResourceActivities
 from upsertflow.contracts import StepInput, StepResult
 
+R = TypeVar("R")
+
 
 @dataclass(frozen=True, kw_only=True)
 class Call:
-    """How long and how often one activity call may try."""
+    """One activity call: how long and how often it may try."""
 
     start_to_close: timedelta
     retry: RetryPolicy
     schedule_to_close: timedelta | None = None
     heartbeat: timedelta | None = None
 
-    def options(self) -> dict[str, Any]:
-        """The keyword arguments of `workflow.execute_activity_method` for this call."""
-        return {
-            "start_to_close_timeout": self.start_to_close,
-            "schedule_to_close_timeout": self.schedule_to_close,
-            "heartbeat_timeout": self.heartbeat,
-            "retry_policy": self.retry,
-        }
+    async def execute(self, activity: Callable[..., Awaitable[R]], arg: Any, summary: str) -> R:
+        """Run the activity method with this policy, from workflow code."""
+        return await workflow.execute_activity_method(
+            activity,
+            arg,
+            start_to_close_timeout=self.start_to_close,
+            schedule_to_close_timeout=self.schedule_to_close,
+            heartbeat_timeout=self.heartbeat,
+            retry_policy=self.retry,
+            summary=summary,
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -59,6 +65,25 @@ class Step(Call):
     activity: Callable[[Any, StepInput], Awaitable[StepResult]]
     #: A step that is not required may fail without failing the ETL.
     required: bool = True
+
+
+@dataclass(frozen=True, kw_only=True)
+class Pipeline:
+    """Everything an `UpsertWorkflow` calls: the steps, and the calls around them."""
+
+    persist: Call
+    claim_etl: Call
+    record_outcome: Call
+    steps: tuple[Step, ...]
+
+    def activities(self) -> list[Callable[..., Any]]:
+        """The activity methods this pipeline calls."""
+        return [
+            ResourceActivities.persist,
+            ResourceActivities.claim_etl,
+            ResourceActivities.record_outcome,
+            *(step.activity for step in self.steps),
+        ]
 
 
 #: Database work: retry transient failures (a restarting PostgreSQL) for up to an hour.
@@ -75,58 +100,60 @@ _PERSIST_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=1),
 )
 
-PERSIST = Call(
+#: The calls around the pipeline: short database work.
+_AROUND = Call(
     start_to_close=timedelta(seconds=30),
     schedule_to_close=timedelta(hours=24),
     retry=_PERSIST_RETRY,
 )
-CLAIM_ETL = PERSIST
-RECORD_OUTCOME = PERSIST
 
-PIPELINES: dict[int, tuple[Step, ...]] = {
-    1: (
-        Step(
-            name="normalize",
-            activity=ResourceActivities.normalize,
-            start_to_close=timedelta(minutes=2),
-            schedule_to_close=timedelta(hours=1),
-            retry=_DATABASE_RETRY,
-        ),
-        Step(
-            name="enrich",
-            activity=EnrichActivities.enrich,
-            # Per attempt; each HTTP request has its own, shorter timeout.
-            start_to_close=timedelta(minutes=2),
-            # The overall deadline: an outage of the service of up to this long is ridden
-            # out; past it the ETL fails, and can be retried through the API.
-            schedule_to_close=timedelta(hours=4),
-            # A dead worker is noticed within this; another resumes from its checkpoint.
-            heartbeat=timedelta(seconds=10),
-            retry=RetryPolicy(
-                initial_interval=timedelta(seconds=1),
-                backoff_coefficient=2.0,
-                maximum_interval=timedelta(seconds=30),
-                non_retryable_error_types=["EnrichmentRejected"],
-            ),
-        ),
-        Step(
-            name="load",
-            activity=ResourceActivities.load,
-            start_to_close=timedelta(minutes=1),
-            schedule_to_close=timedelta(hours=1),
-            retry=_DATABASE_RETRY,
-        ),
+_NORMALIZE = Step(
+    name="normalize",
+    activity=ResourceActivities.normalize,
+    start_to_close=timedelta(minutes=2),
+    schedule_to_close=timedelta(hours=1),
+    retry=_DATABASE_RETRY,
+)
+_ENRICH = Step(
+    name="enrich",
+    activity=EnrichActivities.enrich,
+    # Per attempt; each HTTP request has its own, shorter timeout.
+    start_to_close=timedelta(minutes=2),
+    # The overall deadline: an outage of the service of up to this long is ridden out;
+    # past it the ETL fails, and can be retried through the API.
+    schedule_to_close=timedelta(hours=4),
+    # A dead worker is noticed within this; another resumes from its checkpoint.
+    heartbeat=timedelta(seconds=10),
+    retry=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(seconds=30),
+        non_retryable_error_types=["EnrichmentRejected"],
+    ),
+)
+_LOAD = Step(
+    name="load",
+    activity=ResourceActivities.load,
+    start_to_close=timedelta(minutes=1),
+    schedule_to_close=timedelta(hours=1),
+    retry=_DATABASE_RETRY,
+)
+
+PIPELINES: dict[int, Pipeline] = {
+    # Every call a regular activity.
+    1: Pipeline(
+        persist=_AROUND,
+        claim_etl=_AROUND,
+        record_outcome=_AROUND,
+        steps=(_NORMALIZE, _ENRICH, _LOAD),
     ),
 }
 
 #: The newest pipeline version: what new workflows run.
 PIPELINE_VERSION = max(PIPELINES)
-PIPELINE = PIPELINES[PIPELINE_VERSION]
+PIPELINE = PIPELINES[PIPELINE_VERSION].steps
 
 #: Every activity the workflows call: what a worker must register.
-ACTIVITIES: tuple[Callable[..., Any], ...] = (
-    ResourceActivities.persist,
-    ResourceActivities.claim_etl,
-    ResourceActivities.record_outcome,
-    *(step.activity for steps in PIPELINES.values() for step in steps),
+ACTIVITIES: tuple[Callable[..., Any], ...] = tuple(
+    {a: None for p in PIPELINES.values() for a in p.activities()}
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError
+from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, FailureError
 
 with workflow.unsafe.imports_passed_through():
     from activities.interceptor import failed_attempt
@@ -23,7 +23,7 @@ with workflow.unsafe.imports_passed_through():
         UpsertRequest,
     )
     from upsertflow.naming import ETL_STATUS, RESOURCE_ID, RESOURCE_VERSION
-    from workflows.pipeline import CLAIM_ETL, PERSIST, PIPELINES, RECORD_OUTCOME
+    from workflows.pipeline import PIPELINES, Pipeline
 
 
 @workflow.defn
@@ -35,10 +35,10 @@ class UpsertWorkflow:
         self._request = request
         self._persisted: Persisted | None = None
         self._persist_error: str | None = None
-        self._steps = PIPELINES[max(PIPELINES)]
+        self._pipeline: Pipeline = PIPELINES[max(PIPELINES)]
         self._progress = EtlProgress(
             resource_id=request.resource_id,
-            steps=[StepState(name=step.name) for step in self._steps],
+            steps=[StepState(name=step.name) for step in self._pipeline.steps],
         )
 
     @workflow.run
@@ -49,7 +49,7 @@ class UpsertWorkflow:
         progress.version = persisted.version
         self._set_status(EtlStatus.RUNNING)
         previous: str | None = None
-        steps = self._steps
+        steps = self._pipeline.steps
         for index, (step, state) in enumerate(zip(steps, progress.steps, strict=True)):
             workflow.set_current_details(
                 f"Step **{step.name}** ({index + 1}/{len(steps)}) of resource "
@@ -58,7 +58,7 @@ class UpsertWorkflow:
             state.status = StepStatus.RUNNING
             state.started_at = workflow.now()
             try:
-                result = await workflow.execute_activity_method(
+                result = await step.execute(
                     step.activity,
                     StepInput(
                         resource_id=request.resource_id,
@@ -66,11 +66,10 @@ class UpsertWorkflow:
                         step=step.name,
                         previous_step=previous,
                     ),
-                    **step.options(),
                     summary=f"{step.name} {request.resource_id} v{persisted.version}",
                 )
-            except (ActivityError, asyncio.CancelledError) as error:
-                if not isinstance(error, ActivityError) or _is_cancellation(error):
+            except (FailureError, asyncio.CancelledError) as error:
+                if _is_cancellation(error):
                     state.status = StepStatus.SKIPPED
                     progress.error = "cancelled"
                     await self._finish(EtlStatus.CANCELLED)
@@ -126,15 +125,14 @@ class UpsertWorkflow:
                     f"Retrying the ETL of resource `{request.resource_id}` "
                     f"v{request.retry_of_version}"
                 )
-                persisted: Persisted = await workflow.execute_activity_method(
+                persisted = await self._pipeline.claim_etl.execute(
                     ResourceActivities.claim_etl,
                     ClaimInput(resource_id=request.resource_id, version=request.retry_of_version),
-                    **CLAIM_ETL.options(),
                     summary=f"claim ETL {request.resource_id} v{request.retry_of_version}",
                 )
             else:
                 workflow.set_current_details(f"Persisting resource `{request.resource_id}`")
-                persisted = await workflow.execute_activity_method(
+                persisted = await self._pipeline.persist.execute(
                     ResourceActivities.persist,
                     PersistInput(
                         resource_id=request.resource_id,
@@ -142,15 +140,11 @@ class UpsertWorkflow:
                         attributes_digest=request.attributes_digest,
                         info_digest=request.info_digest,
                     ),
-                    **PERSIST.options(),
                     summary=f"persist {request.resource_id}",
                 )
-        except (ActivityError, asyncio.CancelledError) as error:
-            failure = error if isinstance(error, ActivityError) else None
-            cancelled = failure is None or _is_cancellation(failure)
-            self._persist_error = (
-                "cancelled" if failure is None or cancelled else _describe(failure)
-            )
+        except (FailureError, asyncio.CancelledError) as error:
+            cancelled = _is_cancellation(error)
+            self._persist_error = "cancelled" if cancelled else _describe(error)
             self._progress.status = EtlStatus.CANCELLED if cancelled else EtlStatus.FAILED
             self._progress.error = f"persist failed: {self._persist_error}"
             # Let the waiting `persisted` update answer before the workflow closes.
@@ -164,10 +158,10 @@ class UpsertWorkflow:
         return persisted
 
     def _follow_pipeline(self, version: int) -> None:
-        """Run the steps of pipeline `version` (the one this workflow started with)."""
-        self._steps = PIPELINES[version]
+        """Run pipeline `version` (the one this workflow started with)."""
+        self._pipeline = PIPELINES[version]
         self._progress.pipeline_version = version
-        self._progress.steps = [StepState(name=step.name) for step in self._steps]
+        self._progress.steps = [StepState(name=step.name) for step in self._pipeline.steps]
 
     def _record_step(self, state: StepState, outcome: str) -> None:
         """Step duration and outcome in the worker's metrics (not re-emitted on replay)."""
@@ -207,7 +201,7 @@ class UpsertWorkflow:
             f"ETL of resource `{self._request.resource_id}` v{self._progress.version}: "
             f"**{status.value}**" + (f" — {self._progress.error}" if self._progress.error else "")
         )
-        await workflow.execute_activity_method(
+        await self._pipeline.record_outcome.execute(
             ResourceActivities.record_outcome,
             OutcomeInput(
                 resource_id=self._request.resource_id,
@@ -217,7 +211,6 @@ class UpsertWorkflow:
                 steps=self._progress.steps,
                 error=self._progress.error,
             ),
-            **RECORD_OUTCOME.options(),
             summary=f"record {status.value} {self._request.resource_id} v{self._progress.version}",
         )
 
@@ -234,14 +227,20 @@ def _pipeline_version() -> int:
     return versions[-1]
 
 
-def _is_cancellation(error: ActivityError) -> bool:
+def _is_cancellation(error: BaseException) -> bool:
     """Whether the activity ended because the workflow was cancelled."""
-    return isinstance(error.cause, CancelledError)
+    if isinstance(error, ActivityError):
+        error = error.cause or error
+    return isinstance(error, asyncio.CancelledError | CancelledError)
 
 
-def _describe(error: ActivityError) -> str:
-    """Say why an activity failed, in one line a person can act on."""
-    cause = error.cause
+def _describe(error: BaseException) -> str:
+    """Say why an activity failed, in one line a person can act on.
+
+    A regular activity's failure is an `ActivityError` whose cause says why; a local
+    activity's may be that cause itself.
+    """
+    cause = error.cause if isinstance(error, ActivityError) else error
     if cause is None:
         return str(error)
     message = getattr(cause, "message", "") or str(cause)
