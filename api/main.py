@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from api import problems
 from api.observability import ObservabilityMiddleware
-from api.routes import etl, health, resources
+from api.routes import context, etl, health, resources
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.settings import Settings, get_settings
@@ -62,8 +62,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(KeepEncodedSlashes)
     app.add_middleware(ObservabilityMiddleware)
     app.mount("/metrics", make_asgi_app())
-    # `/resources/{id}/etl` first: `{id:path}` of the resource routes would take it.
+    # `/resources/{id}/etl` and `/context` first: `{id:path}` of the resource routes would
+    # take them.
     app.include_router(etl.router)
+    app.include_router(context.router)
     app.include_router(resources.router)
     app.include_router(health.router)
     return app

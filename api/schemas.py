@@ -38,9 +38,22 @@ class ResourcePublic(BaseModel):
     updated_at: datetime
     context: dict[str, Any] | None = Field(
         default=None,
-        description="The ETL output of the latest processed version; null until one is loaded.",
+        description="The ETL output of the latest processed version (dotted path -> value, in "
+        "path order) when it has at most `UPSERTFLOW_LIMITS__MAX_INLINE_CONTEXT_RECORDS` "
+        "records; null until one is loaded, and null for a larger one: read it page by page "
+        "at `context_url`.",
     )
-    context_version: int | None = None
+    context_version: int | None = Field(
+        default=None, description="The version whose ETL output `context` is."
+    )
+    context_records: int | None = Field(
+        default=None, description="How many records the context holds; null until one is loaded."
+    )
+    context_url: str | None = Field(
+        default=None,
+        description="Where to read the context page by page, whatever its size; null until one "
+        "is loaded.",
+    )
     etl: EtlRef
 
 
@@ -99,3 +112,17 @@ class EtlRetryAccepted(BaseModel):
     workflow_id: str
     run_id: str | None
     ui_url: str
+
+
+class ContextPagePublic(BaseModel):
+    """A page of a resource's context: its records in path order."""
+
+    resource_id: str
+    version: int = Field(description="The version whose ETL output the context is.")
+    record_count: int = Field(description="How many records the whole context holds.")
+    records: dict[str, Any] = Field(
+        description="The page's records (dotted path -> value), in path order (by UTF-8 bytes)."
+    )
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` for the next page; null on the last page."
+    )

@@ -60,6 +60,12 @@ class Limits(BaseModel):
         description="`attributes` as stored (compact JSON, UTF-8 bytes); every `GET` returns "
         "them (422).",
     )
+    max_inline_context_records: int = Field(
+        default=1_000,
+        ge=0,
+        description="The most records of a context that `GET /resources/{id}` returns inline; "
+        "a larger context is read page by page at `GET /resources/{id}/context`.",
+    )
 
 
 class EnrichmentRule(BaseModel):

@@ -135,9 +135,14 @@ async def get_resource(
     client: TemporalDep,
     settings: SettingsDep,
 ) -> ResourcePublic:
-    """Return the resource's latest version, its context and the state of its ETL."""
+    """Return the resource's latest version, the state of its ETL and its context.
+
+    The context is inline while it is small (`context`); `context_url` pages any context.
+    """
     check_id(resource_id)
-    read = await store.read_resource(session, resource_id)
+    read = await store.read_resource(
+        session, resource_id, settings.limits.max_inline_context_records
+    )
     if read is None:
         raise not_found(resource_id)
     version = await reconciled(sessions, client, read.version)
@@ -154,8 +159,10 @@ def _resource_public(
         attributes=resource.attributes,
         created_at=resource.created_at,
         updated_at=resource.updated_at,
-        context=context.records if context else None,
-        context_version=context.version if context else None,
+        context=dict(sorted(read.records.items())) if read.records is not None else None,
+        context_version=context.load.version if context else None,
+        context_records=context.record_count if context else None,
+        context_url=f"/resources/{resource.id}/context" if context else None,
         etl=EtlRef(
             status=EtlStatus(version.etl_status),
             version=version.version,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from upsertflow.contracts import EtlStatus, Persisted
@@ -16,15 +17,17 @@ from upsertflow.models import (
     is_current_version,
     persisted_from,
 )
+from upsertflow.store.contexts import ContextLoad, ContextSummary, record_count
 
 
 @dataclass(frozen=True)
 class ResourceRead:
-    """A resource, its latest version, and its context (None until one is loaded)."""
+    """A resource, its latest version, and a summary of its context with the records if small."""
 
     resource: Resource
     version: ResourceVersion
-    context: ResourceContext | None
+    context: ContextSummary | None
+    records: dict[str, Any] | None  # None when there is no context or it is not inline
 
 
 @dataclass(frozen=True)
@@ -44,11 +47,21 @@ async def current_version(session: AsyncSession, resource_id: str) -> ResourceVe
     )
 
 
-async def read_resource(session: AsyncSession, resource_id: str) -> ResourceRead | None:
-    """Return the resource with its latest version and its context; None if it does not exist."""
+async def read_resource(
+    session: AsyncSession, resource_id: str, max_inline_records: int
+) -> ResourceRead | None:
+    """Return the resource with its context's records if it has at most `max_inline_records`."""
+    count = record_count()
     row = (
         await session.execute(
-            select(Resource, ResourceVersion, ResourceContext)
+            select(
+                Resource,
+                ResourceVersion,
+                ResourceContext.version,
+                ResourceContext.loaded_at,
+                count,
+                case((count <= max_inline_records, ResourceContext.records)),
+            )
             .join(ResourceVersion, is_current_version())
             .outerjoin(ResourceContext, ResourceContext.resource_id == Resource.id)
             .where(Resource.id == resource_id)
@@ -56,8 +69,11 @@ async def read_resource(session: AsyncSession, resource_id: str) -> ResourceRead
     ).one_or_none()
     if row is None:
         return None
-    resource, version, context = row
-    return ResourceRead(resource, version, context)
+    resource, version, context_version, loaded_at, records_count, records = row
+    context = None
+    if context_version is not None:
+        context = ContextSummary(ContextLoad(context_version, loaded_at), records_count)
+    return ResourceRead(resource, version, context, records)
 
 
 async def list_resources(
