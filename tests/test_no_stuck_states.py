@@ -170,17 +170,25 @@ async def test_a_crash_after_claim_etl_commits_changes_nothing(
     assert final["context"] == CONTEXT
 
 
-async def _until_status(
-    http: httpx.AsyncClient, resource_id: str, status: str, within: float = 30.0
+async def _until(
+    http: httpx.AsyncClient,
+    resource_id: str,
+    done: Callable[[dict[str, Any]], bool],
+    within: float = 30.0,
 ) -> dict[str, Any]:
+    """Poll `GET /resources/{id}` until `done(resource)`; return the resource."""
     deadline = asyncio.get_running_loop().time() + within
     body: dict[str, Any] = {}
     while asyncio.get_running_loop().time() < deadline:
         body = (await http.get(f"/resources/{resource_id}")).json()
-        if body.get("etl", {}).get("status") == status:
+        if "etl" in body and done(body):
             return body
         await asyncio.sleep(0.05)
-    raise AssertionError(f"{resource_id} never reached {status}: {body}")
+    raise AssertionError(f"{resource_id} never got there: {body}")
+
+
+async def _until_status(http: httpx.AsyncClient, resource_id: str, status: str) -> dict[str, Any]:
+    return await _until(http, resource_id, lambda body: body["etl"]["status"] == status)
 
 
 # --- 3. reconciliation: terminated in the CLI ------------------------------------------------
@@ -306,16 +314,13 @@ async def test_retrying_a_succeeded_etl_recomputes_the_context(
 
 
 async def _until_context(
-    http: httpx.AsyncClient, resource_id: str, context: dict[str, Any], within: float = 30.0
+    http: httpx.AsyncClient, resource_id: str, context: dict[str, Any]
 ) -> dict[str, Any]:
-    deadline = asyncio.get_running_loop().time() + within
-    body: dict[str, Any] = {}
-    while asyncio.get_running_loop().time() < deadline:
-        body = (await http.get(f"/resources/{resource_id}")).json()
-        if body.get("context") == context and body["etl"]["status"] in TERMINAL:
-            return body
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{resource_id} never had the expected context: {body}")
+    return await _until(
+        http,
+        resource_id,
+        lambda body: body["context"] == context and body["etl"]["status"] in TERMINAL,
+    )
 
 
 # --- 5. deletes that no late attempt can undo ------------------------------------------------
