@@ -59,7 +59,9 @@ async def test_concurrent_puts_get_distinct_versions_and_the_last_one_wins(
     worker: Worker,
     sessions: async_sessionmaker[AsyncSession],
     resource_id: str,
+    settings: Settings,
 ) -> None:
+    settings.sync_timeout_seconds = 300  # about ordering, not speed
     responses = await asyncio.gather(
         *(api.put(f"/resources/{resource_id}", json={"info": {"n": str(n)}}) for n in range(20))
     )
@@ -105,7 +107,10 @@ async def test_200_puts_over_20_resources_at_once(
     worker: Worker,
     sessions: async_sessionmaker[AsyncSession],
     resource_id: str,
+    settings: Settings,
 ) -> None:
+    # About ordering, not speed: every PUT waits for its version, however busy the machine.
+    settings.sync_timeout_seconds = 300
     ids = [f"{resource_id}-{i}" for i in range(20)]
 
     responses = await asyncio.gather(
