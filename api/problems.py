@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.observability import correlation_id
-from upsertflow.logs import describe_exception
+from upsertflow.logs import describe_exception, exception_chain
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "urn:upsertflow:problem:"
@@ -117,19 +117,10 @@ _TITLES = {
 _OUTAGE_SQLSTATES = ("08", "53300", "57P01", "57P02", "57P03")
 
 
-def _chain(error: BaseException) -> list[BaseException]:
-    seen: list[BaseException] = []
-    current: BaseException | None = error
-    while current is not None and len(seen) < 20 and all(current is not e for e in seen):
-        seen.append(current)
-        current = current.__cause__ or current.__context__
-    return seen
-
-
 def outage_kind(error: BaseException) -> str | None:
     """`"database"` if `error` says the database is unreachable, `"dependency"` for another
     connection failure or time-out; None for anything else (a bug: a `500`)."""
-    chain = _chain(error)
+    chain = exception_chain(error)
     for cause in chain:
         sqlstate = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
         if (

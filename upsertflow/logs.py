@@ -91,7 +91,7 @@ def bounded(text: str, limit: int = ERROR_TEXT_LIMIT, *, first_line: bool = True
     return text
 
 
-def _chain(error: BaseException) -> list[BaseException]:
+def exception_chain(error: BaseException) -> list[BaseException]:
     """The exception and its causes and contexts, each once, nearest first."""
     seen: list[BaseException] = []
     current: BaseException | None = error
@@ -149,7 +149,7 @@ def _scrub_database_text(message: str, error: BaseException) -> str:
     Our own code may put a database error's text into a message
     (`f"PostgreSQL refused the resource's data: {error.orig}"`).
     """
-    for cause in _chain(error):
+    for cause in exception_chain(error):
         if not _is_database_error(cause):
             continue
         texts: set[str] = set()
