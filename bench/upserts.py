@@ -45,8 +45,8 @@ from temporalio.worker import Worker
 
 from bench.baseline import BareUpsert, noop
 from bench.stack import REPO_ROOT, Stack
+from devstack import venv_binary
 from upsertflow import temporal
-from upsertflow.embedded import venv_binary
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 COUNTRIES = ("FR", "DE", "US", "JP", "BR")

@@ -526,7 +526,7 @@ def test_dockerignore_keeps_local_state_out_and_the_sources_in() -> None:
 
 # ---------------------------------------------------------------- what the image contains
 
-#: Development only: the dev stack (and its deprecated alias), the benchmark, the tests.
+#: Development only: the dev stack (and where it used to live), the benchmark, the tests.
 DEV_ONLY = ("devstack", "upsertflow/embedded", "upsertflow/dev.py", "bench", "tests")
 
 

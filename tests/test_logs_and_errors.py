@@ -51,10 +51,10 @@ from activities.enrich import (
 from activities.interceptor import AttemptInterceptor
 from activities.steps import StepStore
 from api.main import create_app
+from devstack import stop_process, wait_for_port
 from tests.conftest import REPO_ROOT, free_port
 from tests.helpers import wait_for_etl
 from upsertflow.db import create_engine, safe_url
-from upsertflow.embedded import stop_process, wait_for_port
 from upsertflow.logs import (
     ERROR_TEXT_LIMIT,
     TRUNCATION_MARKER,

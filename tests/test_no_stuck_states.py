@@ -29,9 +29,9 @@ from temporalio.worker import (
     Worker,
 )
 
+from devstack import venv_binary
 from tests.helpers import TERMINAL, wait_for_etl
 from upsertflow.contracts import EtlProgress, UpsertRequest
-from upsertflow.embedded import venv_binary
 from upsertflow.janitor import collect
 from upsertflow.models import Blob, BlobClaim, ResourceVersion, StepOutput
 from upsertflow.settings import Janitor, Settings

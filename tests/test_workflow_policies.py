@@ -22,6 +22,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
+from devstack import venv_binary
 from upsertflow.contracts import (
     EtlProgress,
     EtlStatus,
@@ -33,7 +34,6 @@ from upsertflow.contracts import (
     StepStatus,
     UpsertRequest,
 )
-from upsertflow.embedded import venv_binary
 from upsertflow.naming import SEARCH_ATTRIBUTES
 from workflows.pipeline import PIPELINE, Step
 from workflows.upsert import UpsertWorkflow
