@@ -27,9 +27,7 @@ def upgrade() -> None:
     op.add_column("blob_claims", sa.Column("resource_id", sa.Text(), nullable=True))
     op.create_index(op.f("ix_blob_claims_resource_id"), "blob_claims", ["resource_id"])
     op.create_index(op.f("ix_blob_claims_digest"), "blob_claims", ["digest"])
-    op.create_index(
-        op.f("ix_resource_versions_blob_digest"), "resource_versions", ["blob_digest"]
-    )
+    op.create_index(op.f("ix_resource_versions_blob_digest"), "resource_versions", ["blob_digest"])
     op.add_column("resource_contexts", sa.Column("run_id", sa.Text(), nullable=True))
     op.add_column("resource_contexts", sa.Column("record_count", sa.Integer(), nullable=True))
 
