@@ -23,12 +23,12 @@ from temporalio.worker import Interceptor, Worker
 from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
 from activities.resources import ResourceActivities
-from activities.steps import StepStore
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
 from upsertflow.settings import Settings, get_settings
+from upsertflow.store.steps import StepStore
 from workflows.pipeline import ACTIVITIES
 from workflows.upsert import UpsertWorkflow
 

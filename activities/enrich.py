@@ -36,10 +36,10 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
 
 from activities.resources import superseded_result
-from activities.steps import StepStore
 from upsertflow.contracts import StepInput, StepResult
 from upsertflow.logs import bounded
 from upsertflow.settings import Enrichment
+from upsertflow.store.steps import StepStore
 
 #: 4xx answers that are worth retrying: the request itself was fine.
 _RETRYABLE_CLIENT_ERRORS = {408, 409, 425, 429}

@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.steps import StepStore, load_blob_json, owns_etl
 from upsertflow.contracts import (
     ClaimInput,
     EtlStatus,
@@ -37,6 +36,7 @@ from upsertflow.models import (
     persisted_from,
 )
 from upsertflow.normalize import normalize_info
+from upsertflow.store.steps import StepStore, load_blob_json, owns_etl
 
 log = logging.getLogger("upsertflow.activities")
 

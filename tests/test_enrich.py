@@ -17,11 +17,11 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.enrich import EnrichActivities
-from activities.steps import StepStore
 from tests.helpers import wait_for_etl
 from upsertflow.contracts import EtlStatus, StepInput
 from upsertflow.models import Blob, Resource, ResourceVersion
 from upsertflow.settings import Enrichment, Settings
+from upsertflow.store.steps import StepStore
 
 PERSON = {
     "attributes": {"name": "Ada"},

@@ -49,7 +49,6 @@ from activities.enrich import (
     retry_delay,
 )
 from activities.interceptor import AttemptInterceptor
-from activities.steps import StepStore
 from api.main import create_app
 from devstack import stop_process, wait_for_port
 from tests.conftest import REPO_ROOT, free_port
@@ -63,6 +62,7 @@ from upsertflow.logs import (
     describe_exception,
 )
 from upsertflow.settings import Enrichment, Settings
+from upsertflow.store.steps import StepStore
 from worker import build_worker, enrichment_client
 from workflows.pipeline import PIPELINE
 
