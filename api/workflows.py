@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import (
     Client,
     WithStartWorkflowOperation,
+    WorkflowExecutionStatus,
     WorkflowHandle,
     WorkflowQueryFailedError,
     WorkflowQueryRejectedError,
@@ -180,6 +181,8 @@ async def live_progress(client: Client, workflow_id: str, run_id: str) -> list[S
         # No worker answered, it just ended, or its code cannot answer (a failing
         # workflow task): the database has the last recorded state.
         return None
+    if description.status != WorkflowExecutionStatus.RUNNING:
+        return None  # it ended: what it recorded (or `reconciled`) says how
     pending: dict[str, Any] = {
         activity.activity_type.name: activity
         for activity in description.raw_description.pending_activities

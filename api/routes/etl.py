@@ -47,14 +47,17 @@ async def get_etl(
 ) -> EtlRunPublic:
     """Each step's status, attempts, times and last error; live while the ETL runs."""
     check_id(resource_id)
-    version = await reconciled(sessions, client, await _current_version(session, resource_id))
+    version = await _current_version(session, resource_id)
+    live = None
+    if version.etl_status in IN_FLIGHT:
+        # One look at the workflow: live while it runs; if it has ended, reconciled.
+        live = await live_progress(client, version.etl_workflow_id, version.etl_run_id)
+        if live is None:
+            version = await reconciled(sessions, client, version)
     status = EtlStatus(version.etl_status)
     steps = [StepState.model_validate(step) for step in version.etl_steps] or [
         StepState(name=step.name) for step in PIPELINE
     ]
-    live = None
-    if status in IN_FLIGHT:
-        live = await live_progress(client, version.etl_workflow_id, version.etl_run_id)
     return EtlRunPublic(
         resource_id=resource_id,
         version=version.version,
