@@ -23,8 +23,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from api.problems import Problem, problem_response
-from upsertflow.store.idempotency import Claim, KeyRef, KeyState, claim_key, store_response
-from upsertflow.store.idempotency import unlock_key as unlock
+from upsertflow.store.idempotency import (
+    Claim,
+    KeyRef,
+    KeyState,
+    claim_key,
+    store_response,
+    unlock_key,
+)
 
 REPLAY_HEADER = "Idempotent-Replayed"
 MAX_KEY_LENGTH = 255
@@ -89,13 +95,13 @@ class Idempotency:
             answer = await work(state.request_id)
         except Problem as problem:
             if problem.status != 422:
-                await unlock(sessions, self.ref)
+                await unlock_key(sessions, self.ref)
                 raise
             refused = problem_response(problem)
             await store_response(sessions, self.ref, 422, bytes(refused.body), {})
             raise
         except BaseException:
-            await unlock(sessions, self.ref)
+            await unlock_key(sessions, self.ref)
             raise
         response = answer.response()
         await store_response(

@@ -32,7 +32,7 @@ from upsertflow.logs import describe_exception, exception_chain
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 PROBLEM_BASE = "urn:upsertflow:problem:"
 #: Seconds a client is asked to wait after a `503` for an unreachable database.
-DATABASE_RETRY_AFTER_SECONDS = "5"
+RETRY_AFTER_SECONDS = "5"
 
 log = logging.getLogger("upsertflow.api.errors")
 
@@ -176,8 +176,8 @@ def unexpected_error(scope: Scope, error: Exception) -> JSONResponse:
                 f"{kind}-unavailable",
                 "The database is unavailable" if kind == "database" else "Service unavailable",
                 f"the API cannot reach {what} right now; try again in "
-                f"{DATABASE_RETRY_AFTER_SECONDS} s (correlation id {cid})",
-                headers={"Retry-After": DATABASE_RETRY_AFTER_SECONDS},
+                f"{RETRY_AFTER_SECONDS} s (correlation id {cid})",
+                headers={"Retry-After": RETRY_AFTER_SECONDS},
             )
         )
     log.error(

@@ -32,7 +32,7 @@ from temporalio.common import (
 )
 from temporalio.service import RPCError, RPCStatusCode
 
-from api.problems import Problem
+from api.problems import RETRY_AFTER_SECONDS, Problem
 from upsertflow.contracts import EtlProgress, Persisted, StepState, StepStatus, UpsertRequest
 from upsertflow.models import ResourceVersion
 from upsertflow.naming import RESOURCE_ID, etl_retry_workflow_id, upsert_workflow_id
@@ -41,7 +41,6 @@ from upsertflow.settings import Settings
 from upsertflow.temporal import UNREACHABLE
 from workflows.upsert import UpsertWorkflow
 
-RETRY_AFTER_SECONDS = "5"
 _LIVE_TIMEOUT_SECONDS = 2.0
 
 

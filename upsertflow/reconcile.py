@@ -21,14 +21,12 @@ from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureEr
 from temporalio.service import RPCError, RPCStatusCode
 
 from upsertflow.contracts import EtlProgress, EtlStatus
+from upsertflow.logs import bounded
 from upsertflow.models import ResourceVersion
 
 log = logging.getLogger("upsertflow.reconcile")
 
 IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
-
-#: Bound of a message taken from Temporal into the stored status.
-_MAX_ERROR_CHARS = 300
 
 _CLOSED_WITHOUT_RESULT = {
     WorkflowExecutionStatus.TERMINATED: "the workflow was terminated in Temporal",
@@ -76,11 +74,6 @@ async def workflow_outcome(client: Client, workflow_id: str) -> Outcome | None:
         progress.error,
         [step.model_dump(mode="json") for step in progress.steps],
     )
-
-
-def bounded(text: str, limit: int = _MAX_ERROR_CHARS) -> str:
-    """`text` cut to `limit` characters, with a marker when cut."""
-    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 async def reconcile_version(
