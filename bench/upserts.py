@@ -644,8 +644,7 @@ def main(argv: list[str] | None = None) -> None:
             print("interrupted: stopping everything", file=sys.stderr)
             raise SystemExit(130) from None
         except Exception:
-            for name in ("worker", "api"):
-                print(f"--- {name} log (end) ---\n{stack.tail(name)}", file=sys.stderr)
+            print(stack.tails(), file=sys.stderr)
             raise
         finally:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # stopping has timeouts of its own

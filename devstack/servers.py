@@ -110,10 +110,6 @@ class EmbeddedPostgres(Child):
                 time.sleep(0.05)
         return True
 
-    def kill(self) -> None:
-        if (pid := self.pid) is not None:
-            os.kill(pid, signal.SIGKILL)
-
 
 def postmaster_pid(data_dir: Path) -> int | None:
     """The pid of the PostgreSQL server running on `data_dir`, if one runs."""

@@ -262,10 +262,6 @@ class Stack(Processes):
         """CPU seconds used so far by each child, with its subprocesses, by name."""
         return cpu.cpu_seconds(self.pids())
 
-    def tail(self, name: str, chars: int = 3000) -> str:
-        """The end of a child's log ("" if it has none yet)."""
-        return self.child(name).tail(chars)
-
     def tails(self, chars: int = 4000) -> str:
         """The end of every worker's and API process's log, for failure messages."""
         return "\n".join(
