@@ -28,8 +28,8 @@ FROM python:3.11.15-slim-bookworm AS runtime
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
-    UPSERTFLOW_API_HOST=0.0.0.0 \
-    UPSERTFLOW_API_PORT=8000 \
+    UPSERTFLOW_API__HOST=0.0.0.0 \
+    UPSERTFLOW_API__PORT=8000 \
     UPSERTFLOW_LOG_FORMAT=json
 
 RUN groupadd --system --gid 10001 upsertflow \
@@ -50,6 +50,6 @@ EXPOSE 8000
 # The API's liveness (GET /healthz); compose overrides it for the other roles.
 # No curl in the slim image: Python's urllib does it (an HTTP error or no answer exits 1).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=20s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('UPSERTFLOW_API_PORT', '8000') + '/healthz', timeout=2)"]
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('UPSERTFLOW_API__PORT', '8000') + '/healthz', timeout=2)"]
 
 CMD ["upsertflow-api"]

@@ -2,7 +2,7 @@
 
 Run any number of these, on any number of machines: `upsertflow-worker`.
 SIGTERM or SIGINT stops polling and lets running activities finish within
-`UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS`.
+`UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def build_worker(
         workflows=[UpsertWorkflow],
         activities=bind_activities(implementations, ACTIVITIES),
         interceptors=[AttemptInterceptor(), *interceptors],
-        graceful_shutdown_timeout=timedelta(seconds=settings.worker_graceful_shutdown_seconds),
+        graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
     )
 
 
@@ -85,10 +85,10 @@ def enrichment_client(settings: Settings) -> httpx.AsyncClient:
 async def run(settings: Settings) -> None:
     """Run the worker until SIGTERM or SIGINT."""
     runtime = None
-    if settings.worker_metrics_port:
+    if settings.worker.metrics_port:
         runtime = Runtime(
             telemetry=TelemetryConfig(
-                metrics=PrometheusConfig(bind_address=f"0.0.0.0:{settings.worker_metrics_port}")
+                metrics=PrometheusConfig(bind_address=f"0.0.0.0:{settings.worker.metrics_port}")
             )
         )
     client = await temporal.connect(runtime=runtime)

@@ -14,8 +14,8 @@ def main() -> None:
     configure_logging(settings)
     uvicorn.run(
         create_app(settings),
-        host=settings.api_host,
-        port=settings.api_port,
+        host=settings.api.host,
+        port=settings.api.port,
         log_config=None,
         # One access-log line per request: ours (`upsertflow.api.access`), with the
         # correlation id and the route, and without the query string.

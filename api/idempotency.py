@@ -3,7 +3,7 @@
 The same key with the same body replays the first response (with
 `Idempotent-Replayed: true`) and creates nothing new; the same key with another
 body is `422`; the same key while the first request is in flight is `409`. Keys
-expire after `UPSERTFLOW_IDEMPOTENCY_TTL_SECONDS`. Because the keys live in the
+expire after `UPSERTFLOW_API__IDEMPOTENCY_TTL_SECONDS`. Because the keys live in the
 database (`upsertflow.store.idempotency`), they survive API restarts; a request
 whose API process died while it was in flight is taken over after its lock
 expires, with the same request id — and so the same workflow — as the first.

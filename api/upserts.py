@@ -123,7 +123,7 @@ async def _persisted(
     """The version the request persisted and its run; None if not within the sync timeout."""
     try:
         return await start_and_wait_persisted(
-            client, request, options, settings.sync_timeout_seconds
+            client, request, options, settings.api.sync_timeout_seconds
         )
     except WorkflowAlreadyStartedError:
         # The request's workflow already closed (a resumed Idempotency-Key).

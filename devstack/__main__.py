@@ -4,7 +4,7 @@ Starts what is not configured externally — PostgreSQL unless `DATABASE_URL` is
 set, the Temporal dev server unless `TEMPORAL_ADDRESS` is set — then applies the
 migrations and runs the local enrichment service, the workers and the API
 processes (`--workers N`, `--apis M`: one each by default, the APIs on consecutive
-ports from `UPSERTFLOW_API_PORT`). Data stays under `UPSERTFLOW_DATA_DIR`
+ports from `UPSERTFLOW_API__PORT`). Data stays under `UPSERTFLOW_DEV__DATA_DIR`
 (`.data/`) across runs.
 
 Every part is supervised (`devstack.supervisor`): one that dies is started again
@@ -44,17 +44,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def config(settings: Settings, workers: int = 1, apis: int = 1) -> StackConfig:
     """The stack of `make dev`, from upsertflow's settings (environment and `.env`)."""
     return StackConfig(
-        root=settings.data_dir,
-        database_url=settings.database_url or None,
+        root=settings.dev.data_dir,
+        database_url=settings.database_url.get_secret_value() or None,
         temporal_address=os.environ.get("TEMPORAL_ADDRESS") or None,
-        temporal_port=settings.dev_temporal_port,
-        temporal_ui_port=settings.dev_temporal_ui_port or None,
-        enrichment_port=settings.dev_enrichment_port,
+        temporal_port=settings.dev.temporal_port,
+        temporal_ui_port=settings.dev.temporal_ui_port or None,
+        enrichment_port=settings.dev.enrichment_port,
         workers=workers,
-        api_ports=[settings.api_port + n for n in range(apis)],
-        api_host=settings.api_host,
+        api_ports=[settings.api.port + n for n in range(apis)],
+        api_host=settings.api.host,
         shell=True,
-        app_grace=settings.worker_graceful_shutdown_seconds + 5,
     )
 
 

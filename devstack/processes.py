@@ -44,7 +44,7 @@ def check_port_free(host: str, port: int, what: str) -> None:
             raise RuntimeError(
                 f"{host}:{port}, the port of the {what}, is in use ({error.strerror}): "
                 "is another `make dev` running? Stop it, or choose other ports "
-                "(UPSERTFLOW_API_PORT, UPSERTFLOW_DEV_*_PORT)."
+                "(UPSERTFLOW_API__PORT, UPSERTFLOW_DEV__*_PORT)."
             ) from None
 
 

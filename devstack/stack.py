@@ -33,7 +33,7 @@ from devstack.processes import (
     log,
 )
 from devstack.servers import EmbeddedPostgres, TemporalDevServer, migrate
-from upsertflow.settings import Settings
+from upsertflow.settings import Worker
 
 #: What an isolated stack's children never inherit from this process's environment.
 SETTINGS_PREFIXES = ("TEMPORAL_", "UPSERTFLOW_", "ENRICHMENT_")
@@ -123,7 +123,7 @@ class Stack(Processes):
                 name,
                 ["api"],
                 [(config.api_host, port)],
-                {"UPSERTFLOW_API_HOST": config.api_host, "UPSERTFLOW_API_PORT": str(port)},
+                {"UPSERTFLOW_API__HOST": config.api_host, "UPSERTFLOW_API__PORT": str(port)},
             )
             for name, port in zip(_names("api", len(self.api_ports)), self.api_ports, strict=True)
         ]
@@ -184,13 +184,13 @@ class Stack(Processes):
     def _app_grace(self) -> float:
         if self.config.app_grace is not None:
             return self.config.app_grace
-        default = Settings.model_fields["worker_graceful_shutdown_seconds"].default
-        return float(self.env.get("UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS", default)) + 5
+        default = Worker().graceful_shutdown_seconds
+        return float(self.env.get("UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS", default)) + 5
 
     def _worker_overrides(self, n: int) -> dict[str, str]:
         """Each worker its own metrics port, if they serve metrics."""
-        port = int(self.env.get("UPSERTFLOW_WORKER_METRICS_PORT") or 0)
-        return {"UPSERTFLOW_WORKER_METRICS_PORT": str(port + n)} if port else {}
+        port = int(self.env.get("UPSERTFLOW_WORKER__METRICS_PORT") or 0)
+        return {"UPSERTFLOW_WORKER__METRICS_PORT": str(port + n)} if port else {}
 
     @property
     def parts(self) -> list[Child]:

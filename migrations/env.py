@@ -20,7 +20,7 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    url = config.attributes.get("database_url") or Settings().database_url
+    url = config.attributes.get("database_url") or Settings().database_url.get_secret_value()
     if not url:
         raise RuntimeError("DATABASE_URL is not set")
     return str(url)

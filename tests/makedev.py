@@ -79,11 +79,11 @@ class MakeDev:
         self.env.update(
             PYTHONUNBUFFERED="1",
             PYTHONPATH=str(REPO_ROOT),
-            UPSERTFLOW_DATA_DIR=str(self.data_dir),
-            UPSERTFLOW_API_PORT=str(self.api_port),
-            UPSERTFLOW_DEV_TEMPORAL_PORT=str(self.temporal_port),
-            UPSERTFLOW_DEV_TEMPORAL_UI_PORT=str(free_port()),
-            UPSERTFLOW_DEV_ENRICHMENT_PORT=str(self.enrichment_port),
+            UPSERTFLOW_DEV__DATA_DIR=str(self.data_dir),
+            UPSERTFLOW_API__PORT=str(self.api_port),
+            UPSERTFLOW_DEV__TEMPORAL_PORT=str(self.temporal_port),
+            UPSERTFLOW_DEV__TEMPORAL_UI_PORT=str(free_port()),
+            UPSERTFLOW_DEV__ENRICHMENT_PORT=str(self.enrichment_port),
             **settings,
         )
         self.log_path = self.root / "dev.log"

@@ -29,6 +29,11 @@ from upsertflow.settings import Settings
 from worker import build_worker, enrichment_client
 
 
+def with_api(settings: Settings, **changes: Any) -> Settings:
+    """`settings` with some of the API's settings changed."""
+    return settings.model_copy(update={"api": settings.api.model_copy(update=changes)})
+
+
 async def _versions(sessions: async_sessionmaker[AsyncSession], resource_id: str) -> dict[int, str]:
     async with sessions() as session:
         rows = await session.execute(
@@ -61,7 +66,7 @@ async def test_concurrent_puts_get_distinct_versions_and_the_last_one_wins(
     resource_id: str,
     settings: Settings,
 ) -> None:
-    settings.sync_timeout_seconds = 300  # about ordering, not speed
+    settings.api.sync_timeout_seconds = 300  # about ordering, not speed
     responses = await asyncio.gather(
         *(api.put(f"/resources/{resource_id}", json={"info": {"n": str(n)}}) for n in range(20))
     )
@@ -110,7 +115,7 @@ async def test_200_puts_over_20_resources_at_once(
     settings: Settings,
 ) -> None:
     # About ordering, not speed: every PUT waits for its version, however busy the machine.
-    settings.sync_timeout_seconds = 300
+    settings.api.sync_timeout_seconds = 300
     ids = [f"{resource_id}-{i}" for i in range(20)]
 
     responses = await asyncio.gather(
@@ -233,7 +238,7 @@ async def test_idempotency_key_in_flight_is_409_then_replays_the_202(
     client: Client, settings: Settings, sessions: async_sessionmaker[AsyncSession], resource_id: str
 ) -> None:
     # No worker: persisting cannot finish, so the first request is in flight for the sync timeout.
-    app = create_app(settings.model_copy(update={"sync_timeout_seconds": 2.0}))
+    app = create_app(with_api(settings, sync_timeout_seconds=2.0))
     key = {"Idempotency-Key": f"slow-{resource_id}"}
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
@@ -258,7 +263,7 @@ async def test_idempotency_keys_survive_an_api_restart_and_expire(
     worker: Worker, settings: Settings, sessions: async_sessionmaker[AsyncSession], resource_id: str
 ) -> None:
     key = {"Idempotency-Key": f"restart-{resource_id}"}
-    short_lived = settings.model_copy(update={"idempotency_ttl_seconds": 2})
+    short_lived = with_api(settings, idempotency_ttl_seconds=2)
 
     async def put() -> httpx.Response:
         app = create_app(short_lived)  # a new API process, as far as state goes
@@ -442,7 +447,7 @@ async def unreachable_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient
     address = os.environ["TEMPORAL_ADDRESS"]
     os.environ["TEMPORAL_ADDRESS"] = f"127.0.0.1:{free_port()}"
     try:
-        app = create_app(settings.model_copy(update={"sync_timeout_seconds": 1.0}))
+        app = create_app(with_api(settings, sync_timeout_seconds=1.0))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:

@@ -35,7 +35,7 @@ import pytest
 import yaml
 
 from upsertflow.naming import SEARCH_ATTRIBUTES
-from upsertflow.settings import Settings
+from upsertflow.settings import Worker
 
 REPO = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -248,9 +248,9 @@ def test_the_worker_stops_after_its_graceful_shutdown_window(
     services: dict[str, dict[str, Any]],
 ) -> None:
     worker = services["worker"]
-    default = Settings.model_fields["worker_graceful_shutdown_seconds"].default
+    default = Worker().graceful_shutdown_seconds
     shutdown = float(
-        environment(worker).get("UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS", default)
+        environment(worker).get("UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS", default)
     )
     grace = seconds(worker["stop_grace_period"])
     # Past the window the SDK still cancels the activities and reports them: keep a margin.
@@ -263,8 +263,8 @@ def test_the_api_listens_in_the_container_and_checks_healthz(
 ) -> None:
     api = services["api"]
     env = environment(api)
-    assert env["UPSERTFLOW_API_HOST"] == "0.0.0.0"
-    port = env["UPSERTFLOW_API_PORT"]
+    assert env["UPSERTFLOW_API__HOST"] == "0.0.0.0"
+    port = env["UPSERTFLOW_API__PORT"]
     assert f"http://127.0.0.1:{port}/healthz" in " ".join(api["healthcheck"]["test"])
     assert [with_defaults(str(p)).rsplit(":", 1)[1] for p in api["ports"]] == [port]
 

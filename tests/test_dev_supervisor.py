@@ -40,7 +40,7 @@ EMAILS = 4
 def dev() -> Iterator[MakeDev]:
     stack = MakeDev(
         UPSERTFLOW_ENRICHMENT__BATCH_SIZE=str(BATCH_SIZE),
-        UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS="1",
+        UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS="1",
     )
     try:
         yield stack

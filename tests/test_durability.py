@@ -58,7 +58,7 @@ def stack() -> Iterator[Stack]:
         env={
             "UPSERTFLOW_TASK_QUEUE": f"durability-{uuid.uuid4().hex}",
             "UPSERTFLOW_ENRICHMENT__BATCH_SIZE": str(BATCH_SIZE),
-            "UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS": "1",
+            "UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS": "1",
         },
     )
     with Stack(config) as servers:

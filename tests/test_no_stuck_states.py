@@ -577,13 +577,13 @@ async def test_the_in_flight_409_says_how_long_the_lock_lasts(
     api: httpx.AsyncClient, settings: Settings, resource_id: str
 ) -> None:
     # No worker: the first request waits for its persist until the sync timeout.
-    settings.sync_timeout_seconds = 3
+    settings.api.sync_timeout_seconds = 3
     key = {"Idempotency-Key": f"k-{resource_id}"}
     first = asyncio.create_task(api.put(f"/resources/{resource_id}", json={}, headers=key))
     await asyncio.sleep(1)
     second = await api.put(f"/resources/{resource_id}", json={}, headers=key)
     await first
 
-    lock = settings.sync_timeout_seconds + 30
+    lock = settings.api.sync_timeout_seconds + 30
     assert second.status_code == 409
     assert lock - 3 <= int(second.headers["Retry-After"]) <= lock

@@ -112,8 +112,8 @@ def stack(database_url: str, temporal_address: str, enrichment_url: str) -> Iter
         enrichment_url=enrichment_url,
         env={
             "UPSERTFLOW_TASK_QUEUE": f"fuzz-{uuid.uuid4().hex}",
-            "UPSERTFLOW_SYNC_TIMEOUT_SECONDS": "2",
-            "UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS": "2",
+            "UPSERTFLOW_API__SYNC_TIMEOUT_SECONDS": "2",
+            "UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS": "2",
             **LIMITS,
         },
     )

@@ -29,7 +29,7 @@ def stack(settings: Settings, database_url: str, temporal_address: str) -> Itera
         api_ports=(),
         env={
             "UPSERTFLOW_TASK_QUEUE": f"ops-{uuid.uuid4().hex}",
-            "UPSERTFLOW_WORKER_GRACEFUL_SHUTDOWN_SECONDS": "20",
+            "UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS": "20",
             "UPSERTFLOW_LOG_FORMAT": "json",
         },
     )

@@ -6,7 +6,7 @@ worker's `main`): asyncpg connections belong to one loop.
 The engine hides bound parameters (`hide_parameters=True`): a database error's
 text then carries no value of a resource, wherever it ends up (a log line, an
 activity failure, a Temporal history). The URL's password is never in an error
-or a log line: `safe_url` is the URL to show.
+or a log line: the URL is a `SecretStr` in the settings.
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ from upsertflow.settings import Settings
 
 def create_engine(settings: Settings) -> AsyncEngine:
     """Create the engine for `settings.database_url`."""
-    if not settings.database_url:
+    database_url = settings.database_url.get_secret_value()
+    if not database_url:
         raise RuntimeError(
             "DATABASE_URL is not set: point it at PostgreSQL, or run `make dev` for an embedded one"
         )
     try:
-        url = make_url(settings.database_url)
+        url = make_url(database_url)
     except ArgumentError:
         # SQLAlchemy's message quotes the whole URL, password included.
         raise RuntimeError(
@@ -44,14 +45,6 @@ def create_engine(settings: Settings) -> AsyncEngine:
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
     )
-
-
-def safe_url(database_url: str) -> str:
-    """The database URL without its password, to log or show."""
-    try:
-        return make_url(database_url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "(invalid URL)"
 
 
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

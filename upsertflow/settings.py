@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -104,8 +104,43 @@ class Janitor(BaseModel):
     reconcile_after_seconds: int = 60
 
 
+class Api(BaseModel):
+    """The API process (`python -m api`): where it listens, how long a request waits."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    #: How long a synchronous `PUT` waits for the resource to be persisted before it
+    #: answers 202 instead of 200/201.
+    sync_timeout_seconds: float = 10.0
+    #: How long an `Idempotency-Key` is remembered.
+    idempotency_ttl_seconds: int = 24 * 3600
+
+
+class Worker(BaseModel):
+    """The worker process (`python worker.py`)."""
+
+    #: Prometheus metrics of the Temporal SDK on this port; 0: off.
+    metrics_port: int = 0
+    #: How long a stopping worker lets running activities finish.
+    graceful_shutdown_seconds: float = 30.0
+
+
+class Dev(BaseModel):
+    """`make dev` only: where the embedded servers keep their data, and their ports."""
+
+    data_dir: Path = Path(".data")
+    temporal_port: int = 7233
+    temporal_ui_port: int = 8233
+    enrichment_port: int = 8300
+
+
 class Settings(BaseSettings):
-    """All of upsertflow's settings. Environment variables are `UPSERTFLOW_<NAME>`."""
+    """All of upsertflow's settings, grouped by the process that reads them.
+
+    Environment variables are `UPSERTFLOW_<NAME>`, and `UPSERTFLOW_<GROUP>__<NAME>` for a
+    group's (`UPSERTFLOW_API__PORT`, `UPSERTFLOW_WORKER__METRICS_PORT`, …). Secrets are
+    `SecretStr`: they print as `**********` and are read with `.get_secret_value()`.
+    """
 
     model_config = SettingsConfigDict(
         env_prefix="UPSERTFLOW_",
@@ -114,37 +149,31 @@ class Settings(BaseSettings):
         extra="ignore",
     )
 
-    database_url: str = Field(
-        default="",
+    # Every process.
+    database_url: SecretStr = Field(
+        default=SecretStr(""),
         validation_alias=AliasChoices("DATABASE_URL", "UPSERTFLOW_DATABASE_URL"),
         description="SQLAlchemy URL, e.g. postgresql+asyncpg://user:pass@host/db. "
         "Empty: `make dev` starts an embedded PostgreSQL.",
     )
     database_pool_size: int = 10
     database_max_overflow: int = 10
-
     task_queue: str = "upsertflow"
     temporal_ui_url: str = "http://localhost:8233"
-
-    sync_timeout_seconds: float = 10.0
-    idempotency_ttl_seconds: int = 24 * 3600
-    limits: Limits = Limits()
-
-    enrichment: Enrichment = Enrichment()
-
-    api_host: str = "127.0.0.1"
-    api_port: int = 8000
-    worker_metrics_port: int = 0
-    worker_graceful_shutdown_seconds: float = 30.0
-    janitor: Janitor = Janitor()
     log_format: str = Field(default="text", pattern="^(text|json)$")
     log_level: str = "INFO"
 
-    # `make dev` only: where the embedded servers keep their data, and their ports.
-    data_dir: Path = Path(".data")
-    dev_temporal_port: int = 7233
-    dev_temporal_ui_port: int = 8233
-    dev_enrichment_port: int = 8300
+    # The API.
+    api: Api = Api()
+    limits: Limits = Limits()
+
+    # The worker.
+    worker: Worker = Worker()
+    enrichment: Enrichment = Enrichment()
+    janitor: Janitor = Janitor()
+
+    # `make dev`.
+    dev: Dev = Dev()
 
 
 @lru_cache

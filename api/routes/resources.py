@@ -89,8 +89,8 @@ async def upsert_resource(
         sessions,
         body.fingerprint,
         functools.partial(apply_upsert, client, sessions, settings, upsert),
-        ttl=timedelta(seconds=settings.idempotency_ttl_seconds),
-        lock_for=timedelta(seconds=settings.sync_timeout_seconds + 30),
+        ttl=timedelta(seconds=settings.api.idempotency_ttl_seconds),
+        lock_for=timedelta(seconds=settings.api.sync_timeout_seconds + 30),
     )
 
 
