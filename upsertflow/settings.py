@@ -134,6 +134,48 @@ class Dev(BaseModel):
     enrichment_port: int = 8300
 
 
+class Auth(BaseModel):
+    """Who may call the API: OAuth2 bearer JWTs (`api.security`).
+
+    Production verifies tokens against an identity provider's JWKS (`jwks_url`); `make dev`
+    signs its own with `signing_key`. With neither set the API refuses to start, unless
+    `disabled` says, explicitly, that anyone may call it.
+    """
+
+    #: Anyone may call every route. Never the default; logged as a warning at start.
+    disabled: bool = False
+    #: The identity provider's JSON Web Key Set (asymmetric keys: RS256, ES256, …).
+    jwks_url: str = ""
+    #: A local HMAC key (HS256) for `make dev` and tests; tokens from `python -m api.tokens`.
+    signing_key: SecretStr = SecretStr("")
+    audience: str = "upsertflow"
+    issuer: str = "upsertflow"
+    #: Clock skew allowed on `exp` and `nbf`.
+    leeway_seconds: int = 30
+
+
+class Codec(BaseModel):
+    """Payload encryption (`upsertflow.codec`): what Temporal stores is AES-GCM ciphertext.
+
+    `keys` is a comma-separated list of `key-id:base64-key` (32-byte keys); the first
+    encrypts, every listed one decrypts (rotation: put the new key first, keep the old
+    ones until no history needs them). Empty: payloads are not encrypted.
+    """
+
+    keys: SecretStr = SecretStr("")
+    #: Origins allowed to call the codec endpoints from a browser (the Temporal UI).
+    cors_origins: list[str] = ["http://localhost:8233", "http://localhost:8080"]
+
+
+class RateLimit(BaseModel):
+    """How many writes (`PUT`, `DELETE`, ETL retries) one caller may make (429 beyond)."""
+
+    #: Sustained writes per second per caller (the token's subject); 0: unlimited.
+    writes_per_second: float = 50.0
+    #: Writes a caller may make at once above the sustained rate.
+    burst: int = 100
+
+
 class Settings(BaseSettings):
     """All of upsertflow's settings, grouped by the process that reads them.
 
@@ -166,6 +208,11 @@ class Settings(BaseSettings):
     # The API.
     api: Api = Api()
     limits: Limits = Limits()
+    auth: Auth = Auth()
+    rate_limit: RateLimit = RateLimit()
+
+    # The API, the worker and every other Temporal client (payloads are encrypted).
+    codec: Codec = Codec()
 
     # The worker.
     worker: Worker = Worker()
