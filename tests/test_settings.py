@@ -87,7 +87,7 @@ def test_groups_are_read_from_their_variables(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS", "7")
     monkeypatch.setenv("UPSERTFLOW_DEV__DATA_DIR", "/tmp/elsewhere")
     monkeypatch.setenv("UPSERTFLOW_LIMITS__MAX_DEPTH", "5")
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert settings.api.port == 9001
     assert settings.worker.graceful_shutdown_seconds == 7
     assert settings.dev.data_dir == Path("/tmp/elsewhere")
@@ -96,7 +96,7 @@ def test_groups_are_read_from_their_variables(monkeypatch: pytest.MonkeyPatch) -
 
 def test_secrets_never_print(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DATABASE_URL", "postgresql+asyncpg://app:hunter2@db:5432/app")
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    settings = Settings(_env_file=None)
     assert isinstance(settings.database_url, SecretStr)
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
     assert "hunter2" in settings.database_url.get_secret_value()

@@ -1,0 +1,226 @@
+"""A resource's versions: persisting the next one, claiming its ETL, loading its context,
+recording how its ETL ended.
+
+Each function is one transaction, idempotent by the keys it is given: a request id
+persists one version whatever the number of attempts, a run id loads a context
+once. The callers (the activities) pass the workflow and run that act; these
+functions fence on them.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from upsertflow.contracts import ClaimInput, EtlStatus, OutcomeInput, Persisted, PersistInput
+from upsertflow.models import (
+    BlobClaim,
+    Resource,
+    ResourceContext,
+    ResourceTombstone,
+    ResourceVersion,
+    StepOutput,
+    persisted_from,
+)
+from upsertflow.store.steps import load_blob_json, owns_etl
+
+
+class RequestWithdrawn(Exception):
+    """The request's claim on its stored body is gone: its resource was deleted (which
+    withdrew the request) or the claim expired. Nothing is persisted, ever."""
+
+
+class NotCurrent(Exception):
+    """The version is no longer its resource's current one."""
+
+
+async def persist_version(
+    sessions: async_sessionmaker[AsyncSession],
+    request: PersistInput,
+    workflow_id: str,
+    run_id: str,
+) -> Persisted:
+    """Persist the request as its resource's next version, or find the version it made."""
+    try:
+        return await _persist(sessions, request, workflow_id, run_id)
+    except IntegrityError:
+        # A concurrent attempt of the same request won the race: it is persisted now.
+        return await _persist(sessions, request, workflow_id, run_id)
+
+
+async def _persist(
+    sessions: async_sessionmaker[AsyncSession],
+    request: PersistInput,
+    workflow_id: str,
+    run_id: str,
+) -> Persisted:
+    async with sessions.begin() as session:
+        existing = await session.scalar(
+            select(ResourceVersion).where(ResourceVersion.request_id == request.request_id)
+        )
+        if existing is not None:
+            resource = await session.get_one(Resource, existing.resource_id)
+            return persisted_from(existing, resource.created_at)
+        # The request's claim is its fence: a DELETE that withdrew the request (and so
+        # cancelled this workflow) removed it, and a late attempt writes nothing. Locked,
+        # so such a DELETE waits for this transaction, then deletes what it wrote.
+        claimed = (
+            await session.scalars(
+                select(BlobClaim.digest)
+                .where(BlobClaim.request_id == request.request_id)
+                .with_for_update()
+            )
+        ).all()
+        if request.info_digest not in claimed:
+            raise RequestWithdrawn(request.request_id)
+        attributes = await load_blob_json(session, request.attributes_digest)
+        now = datetime.now(UTC)
+        # Versions never go backwards, even across a DELETE: a resource created again
+        # continues from its tombstone.
+        first_version = (
+            select(func.coalesce(func.max(ResourceTombstone.last_version), 0) + 1)
+            .where(ResourceTombstone.resource_id == request.resource_id)
+            .scalar_subquery()
+        )
+        upsert = (
+            pg_insert(Resource)
+            .values(
+                id=request.resource_id,
+                version=first_version,
+                attributes=attributes,
+                created_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_update(
+                index_elements=[Resource.id],
+                set_={"version": Resource.version + 1, "attributes": attributes, "updated_at": now},
+            )
+            .returning(Resource.version, Resource.created_at, Resource.updated_at)
+        )
+        row = (await session.execute(upsert)).one()
+        # The version refers to the info from now on: the request's claim is done.
+        await session.execute(delete(BlobClaim).where(BlobClaim.request_id == request.request_id))
+        version = ResourceVersion(
+            resource_id=request.resource_id,
+            version=row.version,
+            request_id=request.request_id,
+            blob_digest=request.info_digest,
+            persisted_at=row.updated_at,
+            etl_status=EtlStatus.PENDING,
+            etl_workflow_id=workflow_id,
+            etl_run_id=run_id,
+            etl_steps=[],
+        )
+        session.add(version)
+        return persisted_from(version, row.created_at)
+
+
+async def claim_version(
+    sessions: async_sessionmaker[AsyncSession], claim: ClaimInput, workflow_id: str, run_id: str
+) -> Persisted:
+    """Make `workflow_id` the owner of the ETL of a version that is still current, from
+    scratch: the last run's status and step outputs are cleared. Raises `NotCurrent`."""
+    async with sessions.begin() as session:
+        resource = await session.get(Resource, claim.resource_id, with_for_update=True)
+        if resource is None or resource.version != claim.version:
+            raise NotCurrent(f"{claim.resource_id} v{claim.version}")
+        version = await session.get_one(ResourceVersion, (claim.resource_id, claim.version))
+        version.etl_status = EtlStatus.PENDING
+        version.etl_workflow_id = workflow_id
+        version.etl_run_id = run_id
+        version.etl_steps = []
+        version.etl_error = None
+        version.etl_started_at = None
+        version.etl_finished_at = None
+        # A new run starts from scratch: no checkpoint of the last one is resumed.
+        await session.execute(_step_outputs_of(claim.resource_id, claim.version))
+        return persisted_from(version, resource.created_at)
+
+
+async def loaded_by_run(
+    sessions: async_sessionmaker[AsyncSession], resource_id: str, version: int, run_id: str
+) -> int | None:
+    """The records of the context that this run loaded for the version, if it did."""
+    async with sessions() as session:
+        count: int | None = await session.scalar(
+            select(ResourceContext.record_count).where(
+                ResourceContext.resource_id == resource_id,
+                ResourceContext.version == version,
+                ResourceContext.run_id == run_id,
+            )
+        )
+        return count
+
+
+async def load_context(
+    sessions: async_sessionmaker[AsyncSession],
+    resource_id: str,
+    version: int,
+    run_id: str,
+    records: dict[str, Any],
+) -> bool:
+    """Replace the resource's context with the version's records; False (nothing written)
+    if the version is no longer current, its ETL is no longer this workflow's, or a newer
+    version's context is loaded. The version's step outputs are done with: deleted."""
+    async with sessions.begin() as session:
+        current = await session.scalar(
+            select(Resource.version).where(Resource.id == resource_id).with_for_update()
+        )
+        if current != version or not await session.scalar(select(owns_etl(resource_id, version))):
+            return False
+        loaded = await session.scalar(
+            select(ResourceContext.version)
+            .where(ResourceContext.resource_id == resource_id)
+            .with_for_update()
+        )
+        if loaded is not None and loaded > version:
+            return False
+        context = pg_insert(ResourceContext).values(
+            resource_id=resource_id,
+            version=version,
+            records=records,
+            loaded_at=func.now(),
+            run_id=run_id,
+            record_count=len(records),
+        )
+        await session.execute(
+            context.on_conflict_do_update(
+                index_elements=[ResourceContext.resource_id],
+                set_={
+                    column: context.excluded[column]
+                    for column in ("version", "records", "loaded_at", "run_id", "record_count")
+                },
+            )
+        )
+        await session.execute(_step_outputs_of(resource_id, version))
+        return True
+
+
+async def record_outcome(sessions: async_sessionmaker[AsyncSession], outcome: OutcomeInput) -> None:
+    """Record how the ETL of a version ended, if `outcome.workflow_id` still owns it."""
+    async with sessions.begin() as session:
+        await session.execute(
+            update(ResourceVersion)
+            .where(
+                ResourceVersion.resource_id == outcome.resource_id,
+                ResourceVersion.version == outcome.version,
+                ResourceVersion.etl_workflow_id == outcome.workflow_id,
+            )
+            .values(
+                etl_status=outcome.status,
+                etl_steps=outcome.steps_json(),
+                etl_error=outcome.error,
+                etl_finished_at=func.now(),
+            )
+        )
+
+
+def _step_outputs_of(resource_id: str, version: int) -> Any:
+    return delete(StepOutput).where(
+        StepOutput.resource_id == resource_id, StepOutput.version == version
+    )
