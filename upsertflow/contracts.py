@@ -24,6 +24,10 @@ class EtlStatus(StrEnum):
     CANCELLED = "cancelled"
 
 
+#: The ETL statuses of a version whose ETL has not ended (as far as PostgreSQL knows).
+IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
+
+
 class StepStatus(StrEnum):
     PENDING = "pending"
     RUNNING = "running"

@@ -19,18 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
-from sqlalchemy import delete, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.service import RPCError, RPCStatusCode
 
-from upsertflow.models import Blob, BlobClaim, IdempotencyKey, ResourceVersion, StepOutput
 from upsertflow.naming import upsert_workflow_id
-from upsertflow.reconcile import IN_FLIGHT, reconcile_stale
+from upsertflow.reconcile import reconcile_stale
 from upsertflow.settings import Janitor
-from upsertflow.store.blobs import unreferenced_blobs
+from upsertflow.store.blobs import claims_older_than, delete_unreferenced_blobs, release_claims
+from upsertflow.store.idempotency import delete_expired_keys
+from upsertflow.store.versions import delete_ended_step_outputs
 
 log = logging.getLogger("upsertflow.janitor")
 
@@ -51,27 +51,14 @@ async def expire_claims(
     sessions: async_sessionmaker[AsyncSession], client: Client, ttl: timedelta
 ) -> int:
     """Delete claims older than `ttl` whose request's workflow is not open (or never started)."""
-    async with sessions() as session:
-        old = (
-            await session.execute(
-                select(BlobClaim.request_id, BlobClaim.resource_id)
-                .where(BlobClaim.created_at < datetime.now(UTC) - ttl)
-                .distinct()
-                .limit(_CLAIMS_PER_ROUND)
-            )
-        ).all()
-    expired = []
-    for request_id, resource_id in old:
-        if resource_id is not None and await _workflow_open(
-            client, upsert_workflow_id(resource_id, request_id)
-        ):
-            continue  # accepted, waiting for a worker: its persist will need the documents
-        expired.append(request_id)
-    if not expired:
-        return 0
-    async with sessions.begin() as session:
-        result = await session.execute(delete(BlobClaim).where(BlobClaim.request_id.in_(expired)))
-    return int(result.rowcount)  # type: ignore[attr-defined]
+    expired = [
+        request_id
+        for request_id, resource_id in await claims_older_than(sessions, ttl, _CLAIMS_PER_ROUND)
+        # Accepted, waiting for a worker: its persist will need the documents.
+        if resource_id is None
+        or not await _workflow_open(client, upsert_workflow_id(resource_id, request_id))
+    ]
+    return await release_claims(sessions, expired) if expired else 0
 
 
 async def _workflow_open(client: Client, workflow_id: str) -> bool:
@@ -88,33 +75,18 @@ async def collect(
     sessions: async_sessionmaker[AsyncSession], client: Client, config: Janitor
 ) -> Collected:
     """Run one round (see the module docstring); return what it did."""
-    reconciled = await reconcile_stale(
-        sessions, client, timedelta(seconds=config.reconcile_after_seconds)
-    )
-    claims = await expire_claims(sessions, client, timedelta(seconds=config.claim_ttl_seconds))
-    grace = timedelta(seconds=config.step_output_grace_seconds)
-    now = datetime.now(UTC)
-    async with sessions.begin() as session:
-        outputs = await session.execute(
-            delete(StepOutput).where(
-                exists().where(
-                    ResourceVersion.resource_id == StepOutput.resource_id,
-                    ResourceVersion.version == StepOutput.version,
-                    ResourceVersion.etl_status.not_in(IN_FLIGHT),
-                    ResourceVersion.etl_finished_at < now - grace,
-                )
-            )
-        )
-        blobs = await session.execute(
-            unreferenced_blobs(delete(Blob), timedelta(seconds=config.blob_grace_seconds))
-        )
-        keys = await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < now))
     collected = Collected(
-        claims=claims,
-        blobs=blobs.rowcount,  # type: ignore[attr-defined]
-        idempotency_keys=keys.rowcount,  # type: ignore[attr-defined]
-        step_outputs=outputs.rowcount,  # type: ignore[attr-defined]
-        reconciled=reconciled,
+        reconciled=await reconcile_stale(
+            sessions, client, timedelta(seconds=config.reconcile_after_seconds)
+        ),
+        claims=await expire_claims(sessions, client, timedelta(seconds=config.claim_ttl_seconds)),
+        step_outputs=await delete_ended_step_outputs(
+            sessions, timedelta(seconds=config.step_output_grace_seconds)
+        ),
+        blobs=await delete_unreferenced_blobs(
+            sessions, timedelta(seconds=config.blob_grace_seconds)
+        ),
+        idempotency_keys=await delete_expired_keys(sessions),
     )
     if collected != Collected(0, 0, 0):
         log.info("janitor round: %s", collected)

@@ -15,18 +15,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
 from temporalio.service import RPCError, RPCStatusCode
 
-from upsertflow.contracts import EtlProgress, EtlStatus
+from upsertflow.contracts import IN_FLIGHT, EtlProgress, EtlStatus
 from upsertflow.logs import bounded
 from upsertflow.models import ResourceVersion
+from upsertflow.store.versions import finish_in_flight, in_flight_since
 
 log = logging.getLogger("upsertflow.reconcile")
-
-IN_FLIGHT = (EtlStatus.PENDING, EtlStatus.RUNNING)
 
 _CLOSED_WITHOUT_RESULT = {
     WorkflowExecutionStatus.TERMINATED: "the workflow was terminated in Temporal",
@@ -95,19 +93,7 @@ async def reconcile_version(
     values: dict[str, Any] = {"etl_status": outcome.status, "etl_error": outcome.error}
     if outcome.steps is not None:
         values["etl_steps"] = outcome.steps
-    async with sessions.begin() as session:
-        changed = await session.scalar(
-            update(ResourceVersion)
-            .where(
-                ResourceVersion.resource_id == version.resource_id,
-                ResourceVersion.version == version.version,
-                ResourceVersion.etl_workflow_id == version.etl_workflow_id,
-                ResourceVersion.etl_run_id == version.etl_run_id,
-                ResourceVersion.etl_status.in_(IN_FLIGHT),
-            )
-            .values(**values, etl_finished_at=func.now())
-            .returning(ResourceVersion.etl_finished_at)
-        )
+    changed = await finish_in_flight(sessions, version, values)
     if changed is not None:
         log.info(
             "reconciled the ETL of %s v%d with Temporal: %s",
@@ -131,21 +117,8 @@ async def reconcile_stale(
     limit: int = 200,
 ) -> int:
     """Reconcile up to `limit` versions whose ETL has been in flight for `older_than`."""
-    cutoff = datetime.now(UTC) - older_than
-    async with sessions() as session:
-        versions = (
-            await session.scalars(
-                select(ResourceVersion)
-                .where(
-                    ResourceVersion.etl_status.in_(IN_FLIGHT),
-                    ResourceVersion.persisted_at < cutoff,
-                )
-                .order_by(ResourceVersion.persisted_at)
-                .limit(limit)
-            )
-        ).all()
     repaired = 0
-    for version in versions:
+    for version in await in_flight_since(sessions, datetime.now(UTC) - older_than, limit):
         status = version.etl_status
         try:
             if (await reconcile_version(sessions, client, version)).etl_status != status:

@@ -13,15 +13,16 @@ from api.deps import SessionDep, SessionsDep, SettingsDep, TemporalDep
 from api.observability import WORKFLOWS_STARTED, correlation_id
 from api.paths import ResourceIdPath, check_id, not_found
 from api.problems import Problem, problem_responses
+from api.ratelimit import require_write
 from api.schemas import EtlRetryAccepted, EtlRunPublic, EtlStepPublic
+from api.security import Scope, require_scopes
 from api.workflows import etl_retry_options, live_progress, reconciled, start, ui_url
-from upsertflow.contracts import EtlStatus, StepState, UpsertRequest
+from upsertflow.contracts import IN_FLIGHT, EtlStatus, StepState, UpsertRequest
 from upsertflow.models import ResourceVersion
-from upsertflow.reconcile import IN_FLIGHT
 from upsertflow.store.resources import current_version
 from workflows.pipeline import PIPELINE
 
-router = APIRouter(prefix="/resources", tags=["etl"])
+router = APIRouter(prefix="/resources", tags=["etl"], responses=problem_responses(401, 403))
 
 
 async def _current_version(session: AsyncSession, resource_id: str) -> ResourceVersion:
@@ -37,6 +38,7 @@ async def _current_version(session: AsyncSession, resource_id: str) -> ResourceV
     summary="The ETL of the latest version, step by step",
     response_model=EtlRunPublic,
     responses=problem_responses(404, 422),
+    dependencies=[require_scopes(Scope.READ)],
 )
 async def get_etl(
     resource_id: ResourceIdPath,
@@ -77,7 +79,8 @@ async def get_etl(
     summary="Run the ETL of the current version again",
     status_code=202,
     response_model=EtlRetryAccepted,
-    responses=problem_responses(404, 409, 422, 503),
+    responses=problem_responses(404, 409, 422, 429, 503),
+    dependencies=[require_write(Scope.OPERATE)],
 )
 async def retry_etl(
     resource_id: ResourceIdPath,

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Delete, exists, func
+from sqlalchemy import Delete, delete, exists, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -75,3 +76,37 @@ def unreferenced_blobs(statement: _D, untouched_for: timedelta) -> _D:
         ~exists().where(ResourceVersion.blob_digest == Blob.digest),
         ~exists().where(BlobClaim.digest == Blob.digest),
     )
+
+
+async def claims_older_than(
+    sessions: async_sessionmaker[AsyncSession], age: timedelta, limit: int
+) -> Sequence[tuple[str, str | None]]:
+    """Up to `limit` requests (request id, resource id) whose claims are older than `age`."""
+    async with sessions() as session:
+        rows = await session.execute(
+            select(BlobClaim.request_id, BlobClaim.resource_id)
+            .where(BlobClaim.created_at < func.now() - age)
+            .distinct()
+            .limit(limit)
+        )
+        return [(row.request_id, row.resource_id) for row in rows]
+
+
+async def release_claims(
+    sessions: async_sessionmaker[AsyncSession], request_ids: Sequence[str]
+) -> int:
+    """Delete the claims of these requests; their documents become collectable."""
+    async with sessions.begin() as session:
+        result = await session.execute(
+            delete(BlobClaim).where(BlobClaim.request_id.in_(request_ids))
+        )
+    return int(result.rowcount)  # type: ignore[attr-defined]
+
+
+async def delete_unreferenced_blobs(
+    sessions: async_sessionmaker[AsyncSession], untouched_for: timedelta
+) -> int:
+    """Delete the documents nothing refers to or claims, untouched for `untouched_for`."""
+    async with sessions.begin() as session:
+        result = await session.execute(unreferenced_blobs(delete(Blob), untouched_for))
+    return int(result.rowcount)  # type: ignore[attr-defined]

@@ -9,6 +9,7 @@ from sqlalchemy import delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from upsertflow.contracts import IN_FLIGHT
 from upsertflow.models import (
     Blob,
     BlobClaim,
@@ -17,7 +18,6 @@ from upsertflow.models import (
     ResourceVersion,
 )
 from upsertflow.naming import upsert_workflow_id
-from upsertflow.reconcile import IN_FLIGHT
 from upsertflow.store.blobs import unreferenced_blobs
 
 

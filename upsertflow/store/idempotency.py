@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.sql import ColumnElement
@@ -134,3 +134,12 @@ async def unlock_key(sessions: async_sessionmaker[AsyncSession], ref: KeyRef) ->
             .where(*ref.where(), IdempotencyKey.status_code.is_(None))
             .values(locked_until=func.now())
         )
+
+
+async def delete_expired_keys(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """Delete the keys whose time is up."""
+    async with sessions.begin() as session:
+        result = await session.execute(
+            delete(IdempotencyKey).where(IdempotencyKey.expires_at < func.now())
+        )
+    return int(result.rowcount)  # type: ignore[attr-defined]

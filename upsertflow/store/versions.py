@@ -9,15 +9,23 @@ functions fence on them.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, exists, func, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from upsertflow.contracts import ClaimInput, EtlStatus, OutcomeInput, Persisted, PersistInput
+from upsertflow.contracts import (
+    IN_FLIGHT,
+    ClaimInput,
+    EtlStatus,
+    OutcomeInput,
+    Persisted,
+    PersistInput,
+)
 from upsertflow.models import (
     BlobClaim,
     Resource,
@@ -218,6 +226,63 @@ async def record_outcome(sessions: async_sessionmaker[AsyncSession], outcome: Ou
                 etl_finished_at=func.now(),
             )
         )
+
+
+async def finish_in_flight(
+    sessions: async_sessionmaker[AsyncSession], version: ResourceVersion, values: dict[str, Any]
+) -> datetime | None:
+    """Store how the version's ETL ended (`values` of its `etl_*` columns) if its status is
+    still in flight for the same workflow run; return the finishing time, None if not."""
+    async with sessions.begin() as session:
+        finished: datetime | None = await session.scalar(
+            update(ResourceVersion)
+            .where(
+                ResourceVersion.resource_id == version.resource_id,
+                ResourceVersion.version == version.version,
+                ResourceVersion.etl_workflow_id == version.etl_workflow_id,
+                ResourceVersion.etl_run_id == version.etl_run_id,
+                ResourceVersion.etl_status.in_(IN_FLIGHT),
+            )
+            .values(**values, etl_finished_at=func.now())
+            .returning(ResourceVersion.etl_finished_at)
+        )
+        return finished
+
+
+async def in_flight_since(
+    sessions: async_sessionmaker[AsyncSession], cutoff: datetime, limit: int
+) -> Sequence[ResourceVersion]:
+    """Up to `limit` versions persisted before `cutoff` whose ETL is still in flight."""
+    async with sessions() as session:
+        return (
+            await session.scalars(
+                select(ResourceVersion)
+                .where(
+                    ResourceVersion.etl_status.in_(IN_FLIGHT),
+                    ResourceVersion.persisted_at < cutoff,
+                )
+                .order_by(ResourceVersion.persisted_at)
+                .limit(limit)
+            )
+        ).all()
+
+
+async def delete_ended_step_outputs(
+    sessions: async_sessionmaker[AsyncSession], grace: timedelta
+) -> int:
+    """Delete the step outputs of versions whose ETL ended over `grace` ago."""
+    async with sessions.begin() as session:
+        result = await session.execute(
+            delete(StepOutput).where(
+                exists().where(
+                    ResourceVersion.resource_id == StepOutput.resource_id,
+                    ResourceVersion.version == StepOutput.version,
+                    ResourceVersion.etl_status.not_in(IN_FLIGHT),
+                    ResourceVersion.etl_finished_at < func.now() - grace,
+                )
+            )
+        )
+    return int(result.rowcount)  # type: ignore[attr-defined]
 
 
 def _step_outputs_of(resource_id: str, version: int) -> Any:
