@@ -9,7 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.worker import Worker
 
@@ -237,28 +237,6 @@ async def _store_context(
                 record_count=len(records),
             )
         )
-
-
-async def test_a_context_loaded_before_record_counts_is_counted(
-    api: httpx.AsyncClient,
-    worker: Worker,
-    sessions: async_sessionmaker[AsyncSession],
-    resource_id: str,
-) -> None:
-    expected = _flat(_large_info())
-    await _created(api, resource_id, _large_info())
-    async with sessions.begin() as session:
-        await session.execute(
-            update(ResourceContext)
-            .where(ResourceContext.resource_id == resource_id)
-            .values(record_count=None)
-        )
-
-    read = (await api.get(f"/resources/{resource_id}")).json()
-    page = (await api.get(f"/resources/{resource_id}/context", params={"limit": 1})).json()
-
-    assert (read["context"], read["context_records"]) == (None, len(expected))
-    assert page["record_count"] == len(expected)
 
 
 async def test_no_context_yet_and_no_resource_are_404s(

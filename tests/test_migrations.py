@@ -1,19 +1,24 @@
-"""The migrations build exactly the tables the models declare."""
+"""The migrations build exactly the tables the models declare, and carry data across."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from tests.conftest import REPO_ROOT
 
 
-def test_the_migrated_database_matches_the_models(database_url: str) -> None:
-    # `alembic check` autogenerates against the migrated database: any difference is a
-    # migration someone forgot (or a model out of step with one).
-    done = subprocess.run(
-        [sys.executable, "-m", "alembic", "-c", str(REPO_ROOT / "alembic.ini"), "check"],
+def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "alembic", "-c", str(REPO_ROOT / "alembic.ini"), *args],
         env={**os.environ, "DATABASE_URL": database_url},
         cwd=REPO_ROOT,
         capture_output=True,
@@ -22,5 +27,60 @@ def test_the_migrated_database_matches_the_models(database_url: str) -> None:
         check=False,
     )
 
+
+def test_the_migrated_database_matches_the_models(database_url: str) -> None:
+    # `alembic check` autogenerates against the migrated database: any difference is a
+    # migration someone forgot (or a model out of step with one).
+    done = alembic(database_url, "check")
+
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
     assert "No new upgrade operations detected" in done.stdout
+
+
+@pytest.fixture
+async def empty_database(database_url: str) -> AsyncIterator[str]:
+    """A database of its own on the suite's server, dropped afterwards."""
+    name = f"migrations_{uuid.uuid4().hex[:12]}"
+    server = create_async_engine(database_url, isolation_level="AUTOCOMMIT")
+    async with server.connect() as connection:
+        await connection.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(database_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        async with server.connect() as connection:
+            await connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+        await server.dispose()
+
+
+async def test_contexts_loaded_before_record_counts_are_counted_by_the_migration(
+    empty_database: str,
+) -> None:
+    assert alembic(empty_database, "upgrade", "0004").returncode == 0
+    engine = create_async_engine(empty_database)
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO resources (id, version, attributes, created_at, updated_at) "
+                "VALUES ('r1', 1, '{}', now(), now())"
+            )
+        )
+        await connection.execute(
+            text(
+                "INSERT INTO resource_contexts (resource_id, version, records, loaded_at) "
+                """VALUES ('r1', 1, '{"a": 1, "b.c": "x", "d": null}', now())"""
+            )
+        )
+
+    done = alembic(empty_database, "upgrade", "head")
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    async with engine.connect() as connection:
+        count = await connection.scalar(text("SELECT record_count FROM resource_contexts"))
+        nullable = await connection.scalar(
+            text(
+                "SELECT is_nullable FROM information_schema.columns "
+                "WHERE table_name = 'resource_contexts' AND column_name = 'record_count'"
+            )
+        )
+    await engine.dispose()
+    assert (count, nullable) == (3, "NO")

@@ -136,7 +136,7 @@ class ResourceContext(Base):
     loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: The workflow run that loaded it: a retried `load` of that run finds its work done.
     run_id: Mapped[str | None] = mapped_column(Text)
-    record_count: Mapped[int | None] = mapped_column(Integer)
+    record_count: Mapped[int] = mapped_column(Integer)
 
 
 class ResourceContextChunk(Base):

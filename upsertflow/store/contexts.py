@@ -1,7 +1,7 @@
 """Reading resource contexts (the ETL's output) without loading a large one whole.
 
 A context is one `jsonb` object of records (dotted path -> value), and its size
-`record_count` (counted in SQL for contexts loaded before that column existed).
+`record_count`.
 Pages of it are cut by PostgreSQL, in path order (`COLLATE "C"`: UTF-8 byte order,
 which is also Python's `str` order): after a path, under a prefix or among chosen
 paths, at most `limit` records. They are read from the context's chunks
@@ -17,23 +17,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, func, select, text
+from sqlalchemy import JSON, DateTime, Integer, text
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.selectable import TextualSelect
-
-from upsertflow.models import ResourceContext
-
-
-def record_count() -> ColumnElement[int]:
-    """The number of records of a context (for a select from `resource_contexts`)."""
-    counted = (
-        select(func.count())
-        .select_from(func.jsonb_object_keys(ResourceContext.records).table_valued("key"))
-        .correlate(ResourceContext)
-        .scalar_subquery()
-    )
-    return func.coalesce(ResourceContext.record_count, counted)
 
 
 @dataclass(frozen=True)
@@ -131,9 +117,7 @@ def _page_statement(page: str) -> TextualSelect:
     return text(
         f"""
         SELECT context.version, context.loaded_at,
-               coalesce(context.record_count,
-                        (SELECT count(*) FROM jsonb_object_keys(context.records)))
-                   AS record_count,
+               context.record_count,
                page.records
         FROM resources AS resource
         LEFT JOIN resource_contexts AS context ON context.resource_id = resource.id

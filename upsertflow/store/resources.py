@@ -17,7 +17,7 @@ from upsertflow.models import (
     is_current_version,
     persisted_from,
 )
-from upsertflow.store.contexts import ContextLoad, ContextSummary, record_count
+from upsertflow.store.contexts import ContextLoad, ContextSummary
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ async def read_resource(
     session: AsyncSession, resource_id: str, max_inline_records: int
 ) -> ResourceRead | None:
     """Return the resource with its context's records if it has at most `max_inline_records`."""
-    count = record_count()
+    count = ResourceContext.record_count
     row = (
         await session.execute(
             select(
