@@ -102,17 +102,6 @@ class UpsertBody:
         return hashlib.sha256(f"{self.attributes.digest}:{self.info.digest}".encode()).hexdigest()
 
 
-@dataclass(frozen=True)
-class Shape:
-    """What one pass over an object measured (see the module docstring)."""
-
-    records: int  # values at every level, list items included
-    keys: int  # object keys at every level
-    longest_key: int  # characters (NFKC for non-ASCII keys)
-    longest_path: int  # characters of the dotted path
-    flattened_bytes: int  # sum over scalars of path + value JSON text, UTF-8 bytes
-
-
 def setting(name: str) -> str:
     """The environment variable of a limit: `max_records` -> `UPSERTFLOW_LIMITS__MAX_RECORDS`."""
     return _SETTING_PREFIX + name.upper()
@@ -355,7 +344,7 @@ def measure(
     flatten: bool = True,
     max_values: int | None = None,
     over_values: Callable[[], NoReturn] | None = None,
-) -> Shape:
+) -> None:
     """Measure what `root` turns into once flattened, in one pass; raise at the first limit.
 
     Iterative (no recursion), and it stops as soon as a limit is crossed, so a hostile
@@ -460,7 +449,6 @@ def measure(
                     "value of every record, in UTF-8)",
                     field,
                 )
-    return Shape(records, keys, longest_key, longest_path, flat)
 
 
 def _utf8_size(text: str, field: str) -> int:
