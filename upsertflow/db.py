@@ -23,8 +23,14 @@ from sqlalchemy.ext.asyncio import (
 from upsertflow.settings import Settings
 
 
-def create_engine(settings: Settings) -> AsyncEngine:
-    """Create the engine for `settings.database_url`."""
+def create_engine(settings: Settings, *, pre_ping: bool = True) -> AsyncEngine:
+    """Create the engine for `settings.database_url`.
+
+    `pre_ping` tests each connection as it leaves the pool (a round trip per checkout),
+    so that a request after a PostgreSQL restart does not fail on a dead connection. The
+    worker goes without: its activities retry, and the first error on a dead connection
+    invalidates the whole pool.
+    """
     database_url = settings.database_url.get_secret_value()
     if not database_url:
         raise RuntimeError(
@@ -41,7 +47,7 @@ def create_engine(settings: Settings) -> AsyncEngine:
     return create_async_engine(
         url,
         hide_parameters=True,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_size=settings.database_pool_size,
         max_overflow=settings.database_max_overflow,
     )
