@@ -5,6 +5,8 @@ from __future__ import annotations
 import uvicorn
 
 from api.main import create_app
+from api.observability import serve_metrics
+from api.security import AuthNotConfigured
 from upsertflow.logs import configure_logging
 from upsertflow.settings import get_settings
 
@@ -12,8 +14,14 @@ from upsertflow.settings import get_settings
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
+    try:
+        app = create_app(settings)
+    except AuthNotConfigured as error:
+        raise SystemExit(f"upsertflow-api: not starting: {error}") from None
+    if settings.api.metrics_port:
+        serve_metrics(settings.api.host, settings.api.metrics_port)
     uvicorn.run(
-        create_app(settings),
+        app,
         host=settings.api.host,
         port=settings.api.port,
         log_config=None,

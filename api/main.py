@@ -7,12 +7,13 @@ from contextlib import asynccontextmanager
 from urllib.parse import unquote
 
 from fastapi import FastAPI
-from prometheus_client import make_asgi_app
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from api import problems
+from api import docs, problems
 from api.observability import ObservabilityMiddleware
+from api.ratelimit import write_buckets
 from api.routes import context, etl, health, resources
+from api.security import TokenVerifier, warn_if_disabled
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.settings import Settings, get_settings
@@ -37,8 +38,13 @@ class KeepEncodedSlashes:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; its lifespan opens the database engine and the Temporal client once."""
+    """Build the app; its lifespan opens the database engine and the Temporal client once.
+
+    Raises `AuthNotConfigured` unless the settings say how to verify tokens (or, explicitly,
+    that auth is disabled).
+    """
     settings = settings or get_settings()
+    token_verifier = TokenVerifier(settings.auth)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -47,6 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.sessions = create_sessionmaker(engine)
         # Lazy: the API starts while Temporal is down; /readyz says so, writes answer 503.
         app.state.temporal = await temporal.connect(lazy=True)
+        warn_if_disabled(settings.auth)
         try:
             yield
         finally:
@@ -57,11 +64,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         summary="Upsert resources now; their ETL runs durably on Temporal.",
         lifespan=lifespan,
+        # Served by `api.docs`, from files of the app rather than a CDN.
+        docs_url=None,
+        redoc_url=None,
     )
+    app.state.token_verifier = token_verifier
+    app.state.write_buckets = write_buckets(settings.rate_limit)
     problems.install(app)
     app.add_middleware(KeepEncodedSlashes)
     app.add_middleware(ObservabilityMiddleware)
-    app.mount("/metrics", make_asgi_app())
+    # Metrics are served on a port of their own (`UPSERTFLOW_API__METRICS_PORT`), not here.
+    docs.install(app)
     # `/resources/{id}/etl` and `/context` first: `{id:path}` of the resource routes would
     # take them.
     app.include_router(etl.router)

@@ -1,4 +1,7 @@
-"""Request metrics (Prometheus, at `/metrics`) and a correlation id on every request.
+"""Request metrics (Prometheus, on a port of their own) and a correlation id on every request.
+
+The metrics are served by `serve_metrics` on `UPSERTFLOW_API__METRICS_PORT`, never on the
+API's own port: who can call the API cannot read them.
 
 Each request gets a correlation id — the client's `X-Correlation-ID` if it sent a
 usable one, a new one otherwise — returned in the response's `X-Correlation-ID`,
@@ -10,12 +13,14 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import uuid
 from contextvars import ContextVar
+from wsgiref.simple_server import WSGIServer
 
 import structlog
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 CORRELATION_HEADER = "X-Correlation-ID"
@@ -44,6 +49,16 @@ WORKFLOWS_STARTED = Counter(
 
 
 _MAX_LOGGED_PATH = 200
+
+
+def serve_metrics(host: str, port: int) -> tuple[WSGIServer, threading.Thread]:
+    """Serve this process's metrics at `http://host:port/metrics`, in a thread.
+
+    Return the server (`shutdown()` stops it) and its thread.
+    """
+    server, thread = start_http_server(port, addr=host)
+    logging.getLogger("upsertflow.api").info("metrics at http://%s:%s/metrics", host, port)
+    return server, thread
 
 
 def _bounded_path(path: str) -> str:

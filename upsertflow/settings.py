@@ -114,6 +114,10 @@ class Api(BaseModel):
     sync_timeout_seconds: float = 10.0
     #: How long an `Idempotency-Key` is remembered.
     idempotency_ttl_seconds: int = 24 * 3600
+    #: Prometheus metrics of this process on their own port (on `host`), never on `port`;
+    #: 0: off. Off by default, like the worker's: a listener opens only where it is asked for
+    #: (and several API processes on one host each need their own).
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
 
 class Worker(BaseModel):
@@ -148,10 +152,11 @@ class Auth(BaseModel):
     jwks_url: str = ""
     #: A local HMAC key (HS256) for `make dev` and tests; tokens from `python -m api.tokens`.
     signing_key: SecretStr = SecretStr("")
-    audience: str = "upsertflow"
-    issuer: str = "upsertflow"
+    #: The `aud` and `iss` every token must carry.
+    audience: str = Field(default="upsertflow", min_length=1)
+    issuer: str = Field(default="upsertflow", min_length=1)
     #: Clock skew allowed on `exp` and `nbf`.
-    leeway_seconds: int = 30
+    leeway_seconds: int = Field(default=30, ge=0)
 
 
 class Codec(BaseModel):
@@ -170,10 +175,11 @@ class Codec(BaseModel):
 class RateLimit(BaseModel):
     """How many writes (`PUT`, `DELETE`, ETL retries) one caller may make (429 beyond)."""
 
-    #: Sustained writes per second per caller (the token's subject); 0: unlimited.
-    writes_per_second: float = 50.0
-    #: Writes a caller may make at once above the sustained rate.
-    burst: int = 100
+    #: Sustained writes per second per caller (the token's subject), in each API process;
+    #: 0: unlimited.
+    writes_per_second: float = Field(default=50.0, ge=0)
+    #: Writes a caller may make at once (the bucket's size), refilled at that rate.
+    burst: int = Field(default=100, ge=1)
 
 
 class Settings(BaseSettings):

@@ -11,9 +11,10 @@ from api.deps import SessionDep
 from api.paths import ResourceIdPath, check_id, not_found
 from api.problems import Problem, problem_responses
 from api.schemas import ContextPagePublic
+from api.security import Scope, require_scopes
 from upsertflow.store.contexts import ContextPage, PageQuery, read_context_page
 
-router = APIRouter(prefix="/resources", tags=["context"])
+router = APIRouter(prefix="/resources", tags=["context"], responses=problem_responses(401, 403))
 
 #: The most records of one page, and of `fields`.
 MAX_PAGE_RECORDS = 10_000
@@ -47,6 +48,7 @@ PathList = Annotated[
     summary="Read a resource's context, page by page",
     response_model=ContextPagePublic,
     responses=problem_responses(400, 404, 409, 422),
+    dependencies=[require_scopes(Scope.READ)],
 )
 async def get_context(
     resource_id: ResourceIdPath,

@@ -15,6 +15,7 @@ from api.deps import SessionDep, SessionsDep, SettingsDep, TemporalDep
 from api.idempotency import Idempotency
 from api.paths import ResourceIdPath, check_id, not_found
 from api.problems import problem_responses
+from api.ratelimit import require_write
 from api.schemas import (
     EtlRef,
     ResourceList,
@@ -23,6 +24,7 @@ from api.schemas import (
     ResourceUpsert,
     UpsertAccepted,
 )
+from api.security import Scope, require_scopes
 from api.upserts import Upsert, apply_upsert
 from api.workflows import cancel_all, reconciled, ui_url
 from upsertflow.contracts import EtlStatus
@@ -34,7 +36,7 @@ from upsertflow.store.resources import ResourceRead
 
 log = logging.getLogger("upsertflow.api")
 
-router = APIRouter(prefix="/resources", tags=["resources"])
+router = APIRouter(prefix="/resources", tags=["resources"], responses=problem_responses(401, 403))
 
 
 @router.put(
@@ -43,6 +45,7 @@ router = APIRouter(prefix="/resources", tags=["resources"])
     summary="Create or update a resource",
     status_code=201,
     response_model=None,
+    dependencies=[require_write(Scope.WRITE)],
     responses={
         200: {"model": ResourcePublic, "description": "Updated: a new version was persisted."},
         201: {"model": ResourcePublic, "description": "Created: version 1 was persisted."},
@@ -50,7 +53,7 @@ router = APIRouter(prefix="/resources", tags=["resources"])
             "model": UpsertAccepted,
             "description": "Accepted: persisted and processed durably in the background.",
         },
-        **problem_responses(400, 409, 413, 415, 422, 503),
+        **problem_responses(400, 409, 413, 415, 422, 429, 503),
     },
     openapi_extra={
         "requestBody": {
@@ -100,6 +103,7 @@ async def upsert_resource(
     summary="List resources, page by page",
     response_model=ResourceList,
     responses=problem_responses(400, 422),
+    dependencies=[require_scopes(Scope.READ)],
 )
 async def list_resources(
     session: SessionDep,
@@ -127,6 +131,7 @@ async def list_resources(
     summary="Read a resource with its context and ETL state",
     response_model=ResourcePublic,
     responses=problem_responses(404, 422),
+    dependencies=[require_scopes(Scope.READ)],
 )
 async def get_resource(
     resource_id: ResourceIdPath,
@@ -180,7 +185,8 @@ def _resource_public(
     summary="Cancel a resource's work and delete it",
     status_code=204,
     response_class=Response,
-    responses=problem_responses(404, 422, 503),
+    responses=problem_responses(404, 422, 429, 503),
+    dependencies=[require_write(Scope.OPERATE)],
 )
 async def delete_resource(
     resource_id: ResourceIdPath, sessions: SessionsDep, client: TemporalDep
