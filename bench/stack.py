@@ -27,7 +27,13 @@ class Stack(devstack.Stack):
             devstack.StackConfig(
                 root=root,
                 temporal_dynamic_config=tuple(dynamic_config),
-                env={"UPSERTFLOW_TASK_QUEUE": self.task_queue},
+                env={
+                    "UPSERTFLOW_TASK_QUEUE": self.task_queue,
+                    # One caller sends every write here, 50 at once: the limiter runs but,
+                    # at this size, never refuses (the default allows 100 at once, 50/s).
+                    "UPSERTFLOW_RATE_LIMIT__WRITES_PER_SECOND": "100000",
+                    "UPSERTFLOW_RATE_LIMIT__BURST": "100000",
+                },
             )
         )
 

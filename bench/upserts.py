@@ -455,7 +455,9 @@ async def measure(stack: Stack, args: argparse.Namespace) -> Results:
     db = create_async_engine(stack.database_url)
     limits = httpx.Limits(max_connections=args.concurrency)
     try:
-        async with httpx.AsyncClient(base_url=stack.api_url, timeout=120, limits=limits) as http:
+        async with httpx.AsyncClient(
+            base_url=stack.api_url, timeout=120, limits=limits, headers=stack.auth_headers()
+        ) as http:
             bench = Bench(args, stack, client, http, db)
             print(f"1/4 latency, one at a time, n={args.n}", flush=True)
             latency, ids = await bench.latency()

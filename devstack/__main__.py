@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
 import signal
 import sys
 from types import FrameType
@@ -67,6 +68,7 @@ def banner(stack: Stack, supervisor: Supervisor, settings: Settings) -> str:
     return (
         f"\n  upsertflow is running (supervisor pid {os.getpid()})\n"
         f"{apis}"
+        f"{auth_lines(stack)}"
         f"    Temporal UI  {ui_url}\n"
         f"    Temporal     {stack.temporal_address}\n"
         f"    Enrichment   {stack.enrichment_url}\n"
@@ -77,6 +79,20 @@ def banner(stack: Stack, supervisor: Supervisor, settings: Settings) -> str:
         f"{policy.maximum:g} s); `kill -USR1 {os.getpid()}` logs their status.\n"
         "  Ctrl-C stops everything; the data stays in "
         f"{stack.root if embedded else 'your external services'}.\n"
+    )
+
+
+def auth_lines(stack: Stack) -> str:
+    """How to call the API: a token from the local key, or what else verifies them."""
+    auth = stack.auth
+    if auth.disabled:
+        return "    Auth         DISABLED (UPSERTFLOW_AUTH__DISABLED): anyone may call the API\n"
+    if auth.jwks_url:
+        return f"    Auth         tokens from your identity provider ({auth.jwks_url})\n"
+    python = shlex.quote(os.path.relpath(sys.executable))
+    return (
+        f"    Token        TOKEN=$({python} -m api.tokens)   (every scope, 1 h; --help)\n"
+        f'                 curl -H "Authorization: Bearer $TOKEN" {stack.api_url}/resources\n'
     )
 
 

@@ -21,7 +21,10 @@ from pathlib import Path
 from types import TracebackType
 
 import httpx
+from pydantic import SecretStr
 
+from api.security import Scope
+from api.tokens import SIGNING_KEY_FILE, ensure_signing_key, mint
 from devstack import cpu
 from devstack.processes import (
     REPO_ROOT,
@@ -33,7 +36,7 @@ from devstack.processes import (
     log,
 )
 from devstack.servers import EmbeddedPostgres, TemporalDevServer, migrate
-from upsertflow.settings import Worker
+from upsertflow.settings import Auth, Settings, Worker
 
 #: What an isolated stack's children never inherit from this process's environment.
 SETTINGS_PREFIXES = ("TEMPORAL_", "UPSERTFLOW_", "ENRICHMENT_")
@@ -85,6 +88,8 @@ class Stack(Processes):
             else Path(tempfile.mkdtemp(prefix="upsertflow-stack-"))
         )
         self.env = self._environment()
+        #: How the APIs verify tokens: a local signing key unless auth is configured.
+        self.auth = self._auth()
         self._postgres: EmbeddedPostgres | None = None
         self._temporal: TemporalDevServer | None = None
         self._enrichment: Child | None = None
@@ -119,13 +124,10 @@ class Stack(Processes):
         ]
         self.api_ports = [port or free_port() for port in config.api_ports]
         self.apis = [
-            self._app(
-                name,
-                ["api"],
-                [(config.api_host, port)],
-                {"UPSERTFLOW_API__HOST": config.api_host, "UPSERTFLOW_API__PORT": str(port)},
+            self._app(name, ["api"], *self._api_listeners(n, port))
+            for n, (name, port) in enumerate(
+                zip(_names("api", len(self.api_ports)), self.api_ports, strict=True)
             )
-            for name, port in zip(_names("api", len(self.api_ports)), self.api_ports, strict=True)
         ]
 
     # --- the parts --------------------------------------------------------------------------
@@ -152,6 +154,30 @@ class Stack(Processes):
         if config.enrichment_url is not None:
             env["UPSERTFLOW_ENRICHMENT__URL"] = config.enrichment_url
         return env
+
+    def _auth(self) -> Auth:
+        """Tokens signed with a local key (kept in `root`), unless auth is configured."""
+        if self.config.shell:
+            auth = Settings().auth
+        else:
+            prefix = "UPSERTFLOW_AUTH__"
+            given = {
+                k[len(prefix) :].lower(): v for k, v in self.env.items() if k.startswith(prefix)
+            }
+            auth = Auth.model_validate(given)
+        if auth.disabled or auth.jwks_url or auth.signing_key.get_secret_value():
+            return auth
+        key = ensure_signing_key(self.root / SIGNING_KEY_FILE)
+        self.env["UPSERTFLOW_AUTH__SIGNING_KEY"] = key
+        return auth.model_copy(update={"signing_key": SecretStr(key)})
+
+    def token(self, *scopes: str, subject: str = "devstack", ttl: float = 3600) -> str:
+        """A token the stack's APIs accept: every scope unless `scopes` are given."""
+        return mint(self.auth, subject=subject, ttl=ttl, scopes=scopes or tuple(Scope))
+
+    def auth_headers(self, *scopes: str, subject: str = "devstack") -> dict[str, str]:
+        """`Authorization: Bearer <token>` for the stack's APIs (see `token`)."""
+        return {"Authorization": f"Bearer {self.token(*scopes, subject=subject)}"}
 
     def _log(self, slug: str) -> Path | None:
         return None if self.config.shell else self.root / "logs" / f"{slug}.log"
@@ -186,6 +212,17 @@ class Stack(Processes):
             return self.config.app_grace
         default = Worker().graceful_shutdown_seconds
         return float(self.env.get("UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS", default)) + 5
+
+    def _api_listeners(self, n: int, port: int) -> tuple[list[tuple[str, int]], dict[str, str]]:
+        """The `n`th API's ports and settings: its port, and its own metrics port, if any."""
+        host = self.config.api_host
+        overrides = {"UPSERTFLOW_API__HOST": host, "UPSERTFLOW_API__PORT": str(port)}
+        ports = [(host, port)]
+        metrics = int(self.env.get("UPSERTFLOW_API__METRICS_PORT") or 0)
+        if metrics:
+            overrides["UPSERTFLOW_API__METRICS_PORT"] = str(metrics + n)
+            ports.append((host, metrics + n))
+        return ports, overrides
 
     def _worker_overrides(self, n: int) -> dict[str, str]:
         """Each worker its own metrics port, if they serve metrics."""
@@ -346,10 +383,10 @@ def enrichment_service(
     cwd: Path | None = None,
     grace: float = SERVER_GRACE_SECONDS,
 ) -> Child:
-    """The local enrichment service, on 127.0.0.1:`port`."""
+    """The local enrichment service, on 127.0.0.1:`port`, in test mode (faults on demand)."""
     return Child(
         "enrichment service",
-        [sys.executable, "-m", "enrichment_service", "--port", str(port)],
+        [sys.executable, "-m", "enrichment_service", "--port", str(port), "--test-mode"],
         env,
         ports=[("127.0.0.1", port)],
         log_path=log_path,

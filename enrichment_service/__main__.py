@@ -1,5 +1,9 @@
 """Run the local enrichment service: `upsertflow-enrichment [--port 8300] [--error-rate 0.1] ...`.
 
+`--test-mode` (`ENRICHMENT_TEST_MODE=1`; `make dev` and the tests) adds the fault-injection
+and counter endpoints (`/_faults`, `/_stats`) and honours the `X-Fault-*` headers; without
+it they are 404 and the headers are ignored.
+
 Every flag can also come from the environment (`ENRICHMENT_<FLAG>`, e.g. `ENRICHMENT_PORT`);
 a flag wins over the environment.
 """
@@ -52,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--host", default=env("ENRICHMENT_HOST", "127.0.0.1"))
     parser.add_argument("--port", type=int, default=env("ENRICHMENT_PORT", "8300"))
     parser.add_argument(
+        "--test-mode",
+        action="store_true",
+        default=env("ENRICHMENT_TEST_MODE", "").lower() in ("1", "true", "yes", "on"),
+        help="let callers inject faults (/_faults, X-Fault-* headers) and read /_stats",
+    )
+    parser.add_argument(
         "--latency-ms",
         type=int,
         default=env("ENRICHMENT_LATENCY_MS", "0"),
@@ -91,7 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     """Serve until SIGTERM or SIGINT."""
     args = parse_args(argv)
-    app = create_app(args.faults)
+    app = create_app(args.faults, test_mode=args.test_mode)
     config = uvicorn.Config(
         app,
         host=args.host,
@@ -102,7 +112,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     faults = args.faults.model_dump(exclude_defaults=True) or "none"
     print(
-        f"upsertflow-enrichment: serving on http://{args.host}:{args.port}, faults: {faults}",
+        f"upsertflow-enrichment: serving on http://{args.host}:{args.port}, faults: {faults}"
+        + (", test mode (/_faults, /_stats)" if args.test_mode else ""),
         file=sys.stderr,
         flush=True,
     )

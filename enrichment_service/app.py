@@ -6,10 +6,14 @@
              email                           -> domain (lowercased), is_free_provider
              currency_code (ISO 4217)        -> currency_name
         Unknown value: found false, fields {}. Bad request: 400/422 application/problem+json.
-        Per-request faults: headers X-Fault-Latency-Ms, X-Fault-Status, X-Fault-Hang: 1.
+
+    Test mode only (`create_app(test_mode=True)`, `upsertflow-enrichment --test-mode`: `make dev`
+    and the tests); without it these are 404 and the headers are ignored:
+    per-request faults: headers X-Fault-Latency-Ms, X-Fault-Status, X-Fault-Hang: 1;
     GET|PUT|DELETE /_faults  {"latency_ms", "error_rate", "error_status", "hang", "fail_next",
         "seed", "forget"}: faults of every enrich request (PUT replaces all; DELETE: none).
     GET|DELETE /_stats  {"requests", "items", "faults", "in_flight", "by_status", "by_key"}
+
     GET /healthz  {"status": "ok"}
 
 Every app keeps its own state on `app.state`, so several can run in one process.
@@ -193,6 +197,8 @@ class ServiceState:
     rng: random.Random
     stats: Stats = field(default_factory=Stats)
     release: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Whether callers may inject faults (endpoints and headers) and read the counters.
+    test_mode: bool = False
 
     def set_faults(self, faults: FaultConfig) -> None:
         """Replace the faults (by a copy), and restart the error-rate sequence from their seed."""
@@ -200,10 +206,14 @@ class ServiceState:
         self.rng = random.Random(faults.seed)
 
 
-def create_app(faults: FaultConfig | None = None) -> FastAPI:
-    """Return a new enrichment service with its own faults and counters."""
+def create_app(faults: FaultConfig | None = None, *, test_mode: bool = False) -> FastAPI:
+    """Return a new enrichment service with its own faults and counters.
+
+    `faults` apply from the start. Only with `test_mode` can callers change them (`/_faults`,
+    `X-Fault-*` headers) or read the counters (`/_stats`).
+    """
     app = FastAPI(title="upsertflow enrichment service", version="1")
-    state = ServiceState(faults=FaultConfig(), rng=random.Random())
+    state = ServiceState(faults=FaultConfig(), rng=random.Random(), test_mode=test_mode)
     state.set_faults(faults or FaultConfig())
     app.state.enrichment = state
 
@@ -227,6 +237,14 @@ def create_app(faults: FaultConfig | None = None) -> FastAPI:
             state.stats.in_flight -= 1
         state.stats.by_status[str(response.status_code)] += 1
         return response
+
+    if test_mode:
+        _add_test_routes(app, state)
+    return app
+
+
+def _add_test_routes(app: FastAPI, state: ServiceState) -> None:
+    """The fault and counter endpoints of test mode."""
 
     @app.get("/_faults")
     async def get_faults() -> dict[str, Any]:
@@ -254,8 +272,6 @@ def create_app(faults: FaultConfig | None = None) -> FastAPI:
         state.stats = Stats(in_flight=state.stats.in_flight)
         return state.stats.as_json()
 
-    return app
-
 
 def service_state(app: FastAPI) -> ServiceState:
     """Return the state of an app made by `create_app` (for tests that look inside)."""
@@ -270,7 +286,7 @@ def release_hangs(app: FastAPI) -> None:
 async def _enrich(request: Request, state: ServiceState) -> Response:
     """Apply the faults in order (latency, hang, status), then validate and answer."""
     body = await request.body()
-    headers = _fault_headers(request)
+    headers = _fault_headers(request) if state.test_mode else (None, False, None)
     if isinstance(headers, Response):
         return headers
     latency_ms, hang, status = headers

@@ -4,6 +4,7 @@ a Temporal dev server, workers on a fresh task queue per test, the ASGI app."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 import uuid
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -19,10 +21,17 @@ from temporalio.worker import Worker
 from api.main import create_app
 from devstack import REPO_ROOT, EmbeddedPostgres, TemporalDevServer, free_port, migrate
 from devstack.stack import enrichment_service
+from tests.helpers import auth_headers
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
-from upsertflow.settings import Enrichment, Settings
+from upsertflow.settings import Auth, Enrichment, RateLimit, Settings
 from worker import build_worker, enrichment_client
+
+#: The suite's local signing key: its APIs verify tokens with it (auth is on in every test).
+SIGNING_KEY = secrets.token_urlsafe(48)
+#: Writes per caller far above what any test sends at once (200 concurrent PUTs):
+#: tests/test_rate_limit.py tests the limiter with small rates.
+UNTHROTTLED = RateLimit(writes_per_second=10_000, burst=10_000)
 
 # Some test modules import these from here; they are the dev stack's.
 __all__ = ["REPO_ROOT", "free_port"]
@@ -79,6 +88,8 @@ def settings(database_url: str, temporal_address: str, enrichment_url: str) -> S
         database_url=database_url,
         task_queue=f"test-{uuid.uuid4().hex}",
         enrichment=Enrichment(url=enrichment_url),
+        auth=Auth(signing_key=SecretStr(SIGNING_KEY)),
+        rate_limit=UNTHROTTLED,
     )
 
 
@@ -131,7 +142,10 @@ async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        headers = auth_headers(settings)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=headers
+        ) as http:
             yield http
 
 

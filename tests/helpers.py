@@ -8,7 +8,17 @@ from typing import Any
 
 import httpx
 
+from api.security import Scope
+from api.tokens import mint
+from upsertflow.settings import Settings
+
 TERMINAL = {"succeeded", "failed", "superseded", "cancelled"}
+
+
+def auth_headers(settings: Settings, *scopes: str, subject: str = "test") -> dict[str, str]:
+    """`Authorization: Bearer <token>` for an API of `settings`: every scope unless `scopes`."""
+    token = mint(settings.auth, subject=subject, scopes=scopes or tuple(Scope))
+    return {"Authorization": f"Bearer {token}"}
 
 
 def ended_etl(response: httpx.Response, version: int | None) -> dict[str, Any] | None:

@@ -14,8 +14,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import httpx
+from pydantic import SecretStr
 
+from api.tokens import SIGNING_KEY_FILE, mint, read_signing_key
 from devstack import REPO_ROOT, free_port, postmaster_pid
+from upsertflow.settings import Auth
 
 T = TypeVar("T")
 
@@ -117,7 +120,13 @@ class MakeDev:
             return True if running and self.api_ready() else None
 
         eventually(ready, "the stack to start", within, 0.2)
+        self.api.headers.update(self.auth_headers())
         self.children()
+
+    def auth_headers(self) -> dict[str, str]:
+        """`Authorization: Bearer <token>` with every scope, signed with the key `make dev` made."""
+        key = read_signing_key(self.data_dir / SIGNING_KEY_FILE)
+        return {"Authorization": f"Bearer {mint(Auth(signing_key=SecretStr(key)))}"}
 
     def api_ready(self) -> bool:
         try:

@@ -23,7 +23,7 @@ from temporalio.worker import (
 )
 
 from api.main import create_app
-from tests.helpers import TERMINAL, wait_for_etl
+from tests.helpers import TERMINAL, auth_headers, wait_for_etl
 from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.settings import Settings
 from worker import build_worker, enrichment_client
@@ -242,7 +242,9 @@ async def test_idempotency_key_in_flight_is_409_then_replays_the_202(
     key = {"Idempotency-Key": f"slow-{resource_id}"}
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth_headers(settings)
+        ) as http:
             first = asyncio.create_task(http.put(f"/resources/{resource_id}", json={}, headers=key))
             await asyncio.sleep(0.5)
             concurrent = await http.put(f"/resources/{resource_id}", json={}, headers=key)
@@ -269,7 +271,9 @@ async def test_idempotency_keys_survive_an_api_restart_and_expire(
         app = create_app(short_lived)  # a new API process, as far as state goes
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://api", headers=auth_headers(settings)
+            ) as http:
                 return await http.put(f"/resources/{resource_id}", json={}, headers=key)
 
     first = await put()
@@ -450,7 +454,9 @@ async def unreachable_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient
         app = create_app(with_api(settings, sync_timeout_seconds=1.0))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://api", headers=auth_headers(settings)
+            ) as http:
                 yield http
     finally:
         os.environ["TEMPORAL_ADDRESS"] = address

@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from api.main import create_app
+from tests.helpers import auth_headers
 from upsertflow.models import Blob, IdempotencyKey, Resource
 from upsertflow.settings import Limits, Settings
 
@@ -24,7 +25,9 @@ async def strict_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app = create_app(settings.model_copy(update={"limits": LIMITS}))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth_headers(settings)
+        ) as http:
             yield http
 
 

@@ -67,7 +67,9 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture(scope="module")
 async def api(stack: Stack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=stack.api_url, timeout=15) as http:
+    async with httpx.AsyncClient(
+        base_url=stack.api_url, timeout=15, headers=stack.auth_headers()
+    ) as http:
         yield http
 
 

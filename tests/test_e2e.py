@@ -41,7 +41,7 @@ def _succeeded(stack: MakeDev, resource_id: str, version: int) -> dict[str, Any]
 def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: MakeDev) -> None:
     stack.start()
 
-    created = httpx.put(f"{stack.url}/resources/r1", json=EXAMPLE, timeout=30)
+    created = stack.api.put("/resources/r1", json=EXAMPLE, timeout=30)
     assert created.status_code == 201, created.text
     assert created.json()["version"] == 1
     done = _succeeded(stack, "r1", 1)
@@ -74,10 +74,10 @@ def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: Mak
         assert f"stopped {child}" in log
 
     stack.start()
-    kept = httpx.get(f"{stack.url}/resources/r1", timeout=5)
+    kept = stack.api.get("/resources/r1", timeout=5)
     assert kept.status_code == 200
     assert kept.json()["context"] == done["context"]
-    updated = httpx.put(f"{stack.url}/resources/r1", json={"info": {"Age": "43"}}, timeout=30)
+    updated = stack.api.put("/resources/r1", json={"info": {"Age": "43"}}, timeout=30)
     assert updated.status_code == 200
     assert updated.json()["version"] == 2
     assert _succeeded(stack, "r1", 2)["context"] == {"age": 43}

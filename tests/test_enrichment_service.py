@@ -31,7 +31,7 @@ def client_for(app: FastAPI) -> httpx.AsyncClient:
 
 @pytest.fixture
 def app() -> FastAPI:
-    return create_app()
+    return create_app(test_mode=True)
 
 
 @pytest.fixture
@@ -248,7 +248,7 @@ async def test_error_rate_is_deterministic_for_a_seed(client: httpx.AsyncClient)
     await client.put("/_faults", json={"error_rate": 0.5, "seed": 1})
     assert await error_statuses(client) == first
 
-    async with client_for(create_app(FaultConfig(error_rate=0.5, seed=1))) as other:
+    async with client_for(create_app(FaultConfig(error_rate=0.5, seed=1), test_mode=True)) as other:
         assert await error_statuses(other) == first
 
     await client.put("/_faults", json={"error_rate": 0.5, "seed": 2})
@@ -283,7 +283,7 @@ def async_stat(client: httpx.AsyncClient, name: str, value: int) -> Callable[[],
 
 async def test_apps_do_not_share_state(client: httpx.AsyncClient) -> None:
     await client.put("/_faults", json={"fail_next": 5})
-    async with client_for(create_app()) as other:
+    async with client_for(create_app(test_mode=True)) as other:
         assert (await enrich(other, item("email", "a@b.c"))).status_code == 200
         assert (await other.get("/_faults")).json()["fail_next"] == 0
     assert (await client.get("/_stats")).json()["requests"] == 0
@@ -314,12 +314,38 @@ async def test_stats_count_requests_items_faults_and_values(client: httpx.AsyncC
     assert (await client.get("/_stats")).json() == empty
 
 
+# --- without test mode --------------------------------------------------------------------------
+
+
+async def test_without_test_mode_no_caller_can_inject_faults_or_read_counters() -> None:
+    async with client_for(create_app()) as client:
+        for method in ("GET", "PUT", "DELETE"):
+            response = await client.request(method, "/_faults", json={"fail_next": 5})
+            assert response.status_code == 404, (method, response.text)
+        for method in ("GET", "DELETE"):
+            assert (await client.request(method, "/_stats")).status_code == 404
+        faulty = {"X-Fault-Status": "503", "X-Fault-Latency-Ms": "5000", "X-Fault-Hang": "1"}
+        response = await enrich(client, item("country_code", "FR"), headers=faulty, timeout=2)
+        assert response.status_code == 200, response.text
+        assert response.json()["results"][0]["fields"]["country_name"] == "France"
+
+
+async def test_faults_given_at_start_apply_without_test_mode() -> None:
+    async with client_for(create_app(FaultConfig(fail_next=1, error_status=500))) as client:
+        assert (await enrich(client, item("country_code", "FR"))).status_code == 500
+        assert (await enrich(client, item("country_code", "FR"))).status_code == 200
+
+
 # --- command line -------------------------------------------------------------------------------
 
 
 def test_command_line_reads_flags_then_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     args = parse_args([])
     assert (args.host, args.port, args.faults) == ("127.0.0.1", 8300, FaultConfig())
+    assert args.test_mode is False
+    assert parse_args(["--test-mode"]).test_mode is True
+    monkeypatch.setenv("ENRICHMENT_TEST_MODE", "1")
+    assert parse_args([]).test_mode is True
 
     monkeypatch.setenv("ENRICHMENT_PORT", "9000")
     monkeypatch.setenv("ENRICHMENT_ERROR_RATE", "0.2")
@@ -348,7 +374,7 @@ async def test_real_server_over_http(tmp_path: Path) -> None:
     log = tmp_path / "enrichment.log"
     with log.open("wb") as stderr:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "enrichment_service", "--port", str(port),
+            sys.executable, "-m", "enrichment_service", "--port", str(port), "--test-mode",
             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
         )  # fmt: skip
     hanging: asyncio.Task[httpx.Response] | None = None

@@ -52,8 +52,8 @@ from activities.enrich import (
 from activities.interceptor import AttemptInterceptor
 from api.main import create_app
 from devstack import stop_process, wait_for_port
-from tests.conftest import REPO_ROOT, free_port
-from tests.helpers import wait_for_etl
+from tests.conftest import REPO_ROOT, SIGNING_KEY, free_port
+from tests.helpers import auth_headers, wait_for_etl
 from upsertflow.db import create_engine
 from upsertflow.logs import (
     ERROR_TEXT_LIMIT,
@@ -62,7 +62,7 @@ from upsertflow.logs import (
     build_formatter,
     describe_exception,
 )
-from upsertflow.settings import Enrichment, Settings
+from upsertflow.settings import Auth, Enrichment, Settings
 from upsertflow.store.steps import StepStore
 from worker import build_worker, enrichment_client
 from workflows.pipeline import PIPELINE
@@ -614,7 +614,9 @@ async def exploding_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     app.add_api_route("/test/explode-dependency", _explode_route, dependencies=[Depends(_explode)])
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth_headers(settings)
+        ) as http:
             yield http
 
 
@@ -686,7 +688,9 @@ async def api_without_database(
     app = create_app(down)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth_headers(settings)
+        ) as http:
             yield http
 
 
@@ -721,6 +725,7 @@ def test_the_served_api_logs_one_line_per_request_and_no_query_string() -> None:
         "TEMPORAL_ADDRESS": f"127.0.0.1:{free_port()}",
         "UPSERTFLOW_API__PORT": str(port),
         "UPSERTFLOW_LOG_FORMAT": "json",
+        "UPSERTFLOW_AUTH__SIGNING_KEY": SIGNING_KEY,
     }
     process = subprocess.Popen(
         [sys.executable, "-m", "api"],
@@ -733,7 +738,8 @@ def test_the_served_api_logs_one_line_per_request_and_no_query_string() -> None:
         wait_for_port("127.0.0.1", port, 30, process)
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/healthz?email={SECRET}").status_code == 200
-        outage = httpx.get(f"{base}/resources/r1?email={SECRET}")
+        token = auth_headers(Settings(auth=Auth(signing_key=SecretStr(SIGNING_KEY))))
+        outage = httpx.get(f"{base}/resources/r1?email={SECRET}", headers=token)
         assert outage.status_code == 503 and outage.headers["retry-after"] == "5"
         time.sleep(0.5)
     finally:

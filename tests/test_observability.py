@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
+from api.observability import serve_metrics
 from tests.conftest import free_port
 from tests.helpers import wait_for_etl
 from upsertflow import temporal
@@ -37,16 +38,32 @@ def _value(samples: dict[Any, float], name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
 
 
+@pytest.fixture
+def api_metrics() -> Iterator[str]:
+    """The API process's metrics on a port of their own (as `UPSERTFLOW_API__METRICS_PORT`);
+    yields the scrape URL."""
+    port = free_port()
+    server, thread = serve_metrics("127.0.0.1", port)
+    try:
+        yield f"http://127.0.0.1:{port}/metrics"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
 async def test_api_metrics_count_requests_by_route_and_workflows_started(
-    api: httpx.AsyncClient, worker: Worker, resource_id: str
+    api: httpx.AsyncClient, api_metrics: str, worker: Worker, resource_id: str
 ) -> None:
-    before = _samples((await api.get("/metrics/")).text)
+    async with httpx.AsyncClient() as scraper:
+        before = _samples((await scraper.get(api_metrics)).text)
 
     created = await api.put(f"/resources/{resource_id}", json={"info": {"a": "1"}})
     await api.get(f"/resources/{resource_id}")
     await api.get(f"/resources/{resource_id}-missing")
 
-    after = _samples((await api.get("/metrics/")).text)
+    async with httpx.AsyncClient() as scraper:
+        after = _samples((await scraper.get(api_metrics)).text)
     assert created.status_code == 201
     route = "/resources/{resource_id:resource_id}"
     for method, status in (("PUT", "201"), ("GET", "200"), ("GET", "404")):
@@ -72,6 +89,13 @@ async def metered_worker(
     async with enrichment_client(settings) as http:
         async with build_worker(client, settings, sessions, http):
             yield f"http://127.0.0.1:{port}/metrics"
+
+
+async def test_the_api_port_does_not_serve_metrics(api: httpx.AsyncClient) -> None:
+    for path in ("/metrics", "/metrics/"):
+        response = await api.get(path)
+        assert response.status_code == 404, path
+        assert "upsertflow_http_requests_total" not in response.text
 
 
 async def test_worker_metrics_have_the_sdks_and_the_etls(

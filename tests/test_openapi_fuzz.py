@@ -124,7 +124,7 @@ def stack(database_url: str, temporal_address: str, enrichment_url: str) -> Iter
 
 def _seed(stack: Stack) -> None:
     """Create the pool's resources and let their ETL end, so later requests find them."""
-    with httpx.Client(base_url=stack.api_url, timeout=10) as http:
+    with httpx.Client(base_url=stack.api_url, timeout=10, headers=stack.auth_headers()) as http:
         for resource_id in POOL:
             response = http.put(
                 f"/resources/{resource_id}",
@@ -213,7 +213,7 @@ def _namespaced(resource_id: str) -> str:
 
 def _call(case: schemathesis.Case[Any], stack: Stack) -> Any:
     try:
-        return case.call_and_validate(checks=CHECKS, timeout=30)
+        return case.call_and_validate(checks=CHECKS, timeout=30, headers=stack.auth_headers())
     except Exception as error:
         error.add_note(f"API log ({stack.api.log_path}), last lines:\n{stack.api.tail(4000)}")
         raise
@@ -255,17 +255,23 @@ def test_edge_ids_are_answered_as_documented(
     """Every operation on an id at the edge of the path's rules, with the same checks."""
     if resource_id.startswith(POOL[0]):
         # The fuzzing may have deleted it: these ids are about an existing resource.
-        created = httpx.put(f"{stack.api_url}/resources/{POOL[0]}", json={}, timeout=10)
+        created = httpx.put(
+            f"{stack.api_url}/resources/{POOL[0]}",
+            json={},
+            timeout=10,
+            headers=stack.auth_headers(),
+        )
         assert created.status_code in (200, 201), created.text
     failures: list[str] = []
     for path, methods in api_schema.raw_schema["paths"].items():
         if "{resource_id}" in path:
             for method in set(methods) & {"get", "put", "post", "delete", "patch"}:
-                failures += _edge_failures(api_schema[path][method.upper()], resource_id)
+                operation = api_schema[path][method.upper()]
+                failures += _edge_failures(operation, resource_id, stack.auth_headers())
     assert not failures, "\n\n".join([*failures, f"API log:\n{stack.api.tail(4000)}"])
 
 
-def _edge_failures(operation: Any, resource_id: str) -> list[str]:
+def _edge_failures(operation: Any, resource_id: str, headers: dict[str, str]) -> list[str]:
     body: dict[str, Any] = {"body": {}, "media_type": "application/json"}
     case = operation.Case(
         # Quoted as schemathesis quotes the ids it generates: it sends them as they are.
@@ -273,7 +279,7 @@ def _edge_failures(operation: Any, resource_id: str) -> list[str]:
         **(body if operation.method.upper() == "PUT" else {}),
     )
     try:
-        case.call_and_validate(checks=CHECKS, timeout=30)
+        case.call_and_validate(checks=CHECKS, timeout=30, headers=headers)
     except Exception as error:
         return [f"{operation.label} with id {resource_id!r}:\n{error}"]
     return []
@@ -281,7 +287,7 @@ def _edge_failures(operation: Any, resource_id: str) -> list[str]:
 
 def test_every_accepted_upsert_is_processed(stack: Stack) -> None:
     """The fuzzed upserts the API accepted were all processed: none of their ETLs failed."""
-    with httpx.Client(base_url=stack.api_url, timeout=10) as http:
+    with httpx.Client(base_url=stack.api_url, timeout=10, headers=stack.auth_headers()) as http:
         ended = _wait_for_etls(http, sorted(upserted), within=30)
         failed = {
             resource_id: http.get(f"/resources/{resource_id}/etl").json()

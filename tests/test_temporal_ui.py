@@ -39,15 +39,17 @@ from playwright.async_api import (
     async_playwright,
     expect,
 )
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
 from api.main import create_app
 from devstack import TemporalDevServer, free_port
 from tests.browser import ARTIFACTS, CHROMIUM_ARGS, ChromiumUnavailable, ensure_chromium
-from tests.helpers import wait_for_etl
+from tests.conftest import SIGNING_KEY
+from tests.helpers import auth_headers, wait_for_etl
 from upsertflow import temporal
-from upsertflow.settings import Enrichment, Settings
+from upsertflow.settings import Auth, Enrichment, Settings
 from worker import build_worker, enrichment_client
 
 # 600 s: the first test of a session may include installing Chromium with apt.
@@ -124,6 +126,7 @@ def ui_settings(
         task_queue=f"test-ui-{uuid.uuid4().hex}",
         enrichment=Enrichment(url=enrichment_url),
         temporal_ui_url=temporal_with_ui.ui_url,
+        auth=Auth(signing_key=SecretStr(SIGNING_KEY)),
     )
 
 
@@ -146,7 +149,9 @@ async def ui_api(
         app.router.lifespan_context(app),
     ):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth_headers(ui_settings)
+        ) as api:
             yield api
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from api.main import create_app
 from devstack import Stack, StackConfig
-from tests.helpers import wait_for_etl
+from tests.helpers import auth_headers, wait_for_etl
 from upsertflow.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +49,9 @@ async def test_sigterm_lets_the_running_activity_finish(
     await enrichment.put("/_faults", json={"latency_ms": 3000})
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://api") as api:
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth_headers(settings)
+        ) as api:
             created = await api.put(f"/resources/{resource_id}", json={"info": {"country": "FR"}})
             assert created.status_code == 201, created.text
             deadline = time.monotonic() + 20
