@@ -48,6 +48,10 @@ def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: Mak
     assert done["context"] == {"address.city": "Paris", "age": 42, "active": True}
     assert "empty" not in done["context"]
     assert httpx.get(f"{stack.url}/docs", timeout=5).status_code == 200
+    # Auth is on: a local key of its own, private, and the banner says how to get a token.
+    assert httpx.get(f"{stack.url}/resources/r1", timeout=5).status_code == 401
+    assert (stack.data_dir / "auth-signing-key").stat().st_mode & 0o777 == 0o600
+    assert "-m api.tokens" in stack.log()
 
     listed = subprocess.run(
         [
@@ -68,13 +72,15 @@ def test_make_dev_stack_serves_upserts_and_keeps_data_across_restarts(stack: Mak
     workflow_ids = [entry["execution"]["workflowId"] for entry in json.loads(listed.stdout)]
     assert workflow_ids == [done["etl"]["workflow_id"]]
 
+    token = stack.auth_headers()
     assert stack.stop(signal.SIGINT) == 0  # Ctrl-C, as a person would
     log = stack.log()
     for child in ("api", "worker", "enrichment service", "Temporal dev server", "PostgreSQL"):
         assert f"stopped {child}" in log
 
     stack.start()
-    kept = stack.api.get("/resources/r1", timeout=5)
+    # The same key: a token minted before the restart still works.
+    kept = stack.api.get("/resources/r1", timeout=5, headers=token)
     assert kept.status_code == 200
     assert kept.json()["context"] == done["context"]
     updated = stack.api.put("/resources/r1", json={"info": {"Age": "43"}}, timeout=30)
