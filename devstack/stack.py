@@ -146,6 +146,10 @@ class Stack(Processes):
                 filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])
             )
         env["PYTHONUNBUFFERED"] = "1"
+        # Cache bytecode as an installed package has it (pip compiles it): the workflow
+        # sandbox imports the workflow's module afresh for every workflow run, and without
+        # a cache compiles it from source every time.
+        env.pop("PYTHONDONTWRITEBYTECODE", None)
         env.update(config.env)
         if config.database_url is not None:
             env["DATABASE_URL"] = config.database_url

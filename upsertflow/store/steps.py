@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from sqlalchemy import (
     ColumnElement,
     Integer,
     LargeBinary,
     Text,
+    case,
     cast,
     exists,
     func,
@@ -30,6 +32,9 @@ from temporalio.exceptions import ApplicationError
 
 from upsertflow.contracts import EtlStatus, StepInput
 from upsertflow.models import Blob, Resource, ResourceVersion, StepOutput, is_current_version
+
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 def owns_etl(resource_id: str, version: int) -> ColumnElement[bool]:
@@ -56,30 +61,28 @@ class StepStore:
         self.sessions = sessions
 
     async def begin(self, step: StepInput) -> bool:
-        """Mark the version's ETL as running; False if it was superseded or taken over."""
+        """Mark the version's ETL as running; False if it was superseded or taken over.
+
+        One statement: the fence (`owns_etl`) and the update together. A reset workflow
+        goes on in a new run: the version points at the run at work.
+        """
+        pending = ResourceVersion.etl_status == EtlStatus.PENDING
+        statement = (
+            update(ResourceVersion)
+            .where(
+                ResourceVersion.resource_id == step.resource_id,
+                ResourceVersion.version == step.version,
+                owns_etl(step.resource_id, step.version),
+            )
+            .values(
+                etl_status=case((pending, EtlStatus.RUNNING), else_=ResourceVersion.etl_status),
+                etl_started_at=case((pending, func.now()), else_=ResourceVersion.etl_started_at),
+                etl_run_id=activity.info().workflow_run_id,
+            )
+            .returning(ResourceVersion.version)
+        )
         async with self.sessions.begin() as session:
-            if not await session.scalar(select(owns_etl(step.resource_id, step.version))):
-                return False
-            await session.execute(
-                update(ResourceVersion)
-                .where(
-                    ResourceVersion.resource_id == step.resource_id,
-                    ResourceVersion.version == step.version,
-                    ResourceVersion.etl_status == EtlStatus.PENDING,
-                )
-                .values(etl_status=EtlStatus.RUNNING, etl_started_at=func.now())
-            )
-            # A reset workflow goes on in a new run: the version points at the run at work.
-            await session.execute(
-                update(ResourceVersion)
-                .where(
-                    ResourceVersion.resource_id == step.resource_id,
-                    ResourceVersion.version == step.version,
-                    ResourceVersion.etl_run_id != activity.info().workflow_run_id,
-                )
-                .values(etl_run_id=activity.info().workflow_run_id)
-            )
-        return True
+            return (await session.scalar(statement)) is not None
 
     async def still_owned(self, step: StepInput) -> bool:
         """Whether the version is still current and its ETL still this run's."""
@@ -90,6 +93,16 @@ class StepStore:
         """Return the previous step's output, or the version's raw `info` for the first step."""
         if step.previous_step is None:
             async with self.sessions() as session:
+                body = await session.scalar(
+                    select(Blob.body)
+                    .join(ResourceVersion, ResourceVersion.blob_digest == Blob.digest)
+                    .where(
+                        ResourceVersion.resource_id == step.resource_id,
+                        ResourceVersion.version == step.version,
+                    )
+                )
+                if body is not None:
+                    return await decoded(body)
                 digest = await session.scalar(
                     select(ResourceVersion.blob_digest).where(
                         ResourceVersion.resource_id == step.resource_id,
@@ -103,15 +116,15 @@ class StepStore:
                         non_retryable=True,
                     )
                 return await load_blob_json(session, digest)
-        body = await self.read(step, step.previous_step)
-        if body is None:
+        output = await self.read(step, step.previous_step)
+        if output is None:
             raise ApplicationError(
                 f"the output of step {step.previous_step!r} for {step.resource_id} "
                 f"v{step.version} is missing",
                 type="StepOutputMissing",
                 non_retryable=True,
             )
-        return body
+        return output
 
     async def read(self, step: StepInput, name: str) -> dict[str, Any] | None:
         """Return what was stored under `name` for the step's version, if anything."""
@@ -123,7 +136,7 @@ class StepStore:
                     StepOutput.step == name,
                 )
             )
-        return None if body is None else await asyncio.to_thread(decode_object, body)
+        return None if body is None else await decoded(body)
 
     async def read_all(self, step: StepInput, prefix: str) -> dict[str, dict[str, Any]]:
         """Return everything stored for the step's version under names starting with `prefix`."""
@@ -137,14 +150,14 @@ class StepStore:
                     )
                 )
             ).all()
-        return {row.step: await asyncio.to_thread(decode_object, row.body) for row in rows}
+        return {row.step: await decoded(row.body) for row in rows}
 
     async def write(self, step: StepInput, value: dict[str, Any], name: str | None = None) -> bool:
         """Store `value` as the step's output (or under `name`, e.g. a checkpoint).
 
         Only while this run owns the version's ETL; return whether it was stored.
         """
-        body = await asyncio.to_thread(encode, value)
+        body = await off_loop(encode, value, inline=len(value) <= INLINE_RECORDS)
         row = select(
             cast(literal(step.resource_id), Text),
             cast(literal(step.version), Integer),
@@ -168,7 +181,27 @@ async def load_blob_json(session: AsyncSession, digest: str) -> dict[str, Any]:
     body = await session.scalar(select(Blob.body).where(Blob.digest == digest))
     if body is None:
         raise missing_blob(digest)
-    return await asyncio.to_thread(decode_object, body)
+    return await decoded(body)
+
+
+#: Decoding or encoding a document larger than this runs in a thread, so that a large one
+#: does not stall the worker's event loop (and its heartbeats); a smaller one runs inline,
+#: as a thread hand-off costs more than decoding a few kilobytes.
+INLINE_BYTES = 64 * 1024
+#: The same for a map of records about to be encoded (~64 bytes a record).
+INLINE_RECORDS = 1_000
+
+
+async def off_loop(function: Callable[[A], R], argument: A, *, inline: bool) -> R:
+    """`function(argument)`: inline if it is small work, else in a thread."""
+    if inline:
+        return function(argument)
+    return await asyncio.to_thread(function, argument)
+
+
+async def decoded(body: bytes) -> dict[str, Any]:
+    """A stored JSON object, decoded."""
+    return await off_loop(decode_object, body, inline=len(body) <= INLINE_BYTES)
 
 
 def missing_blob(digest: str) -> ApplicationError:
