@@ -1,4 +1,9 @@
-"""The API, a real worker, the Temporal dev server and PostgreSQL, together."""
+"""The main path, end to end: a PUT persists, its ETL fills the context, a second PUT is
+version 2, `respond-async`, a 404, and the search attributes an operator finds the
+workflows by — the API, a real worker, the Temporal dev server and PostgreSQL together.
+
+The contract's finer points (concurrency, Idempotency-Key, retry, delete, list) are in
+`test_api_semantics.py`."""
 
 from __future__ import annotations
 

@@ -384,7 +384,8 @@ async def test_worker_killed_mid_enrich_the_new_worker_resumes_from_the_last_hea
         await assert_processed_once(stack, resource, run.done[resource.resource_id])
         enrich = run.rows[resource.resource_id].steps["enrich"]
         assert enrich["attempts"] == 2, f"the kill did not interrupt enrich: {enrich}"
-        # At least once, at most twice: only the batches since the last heartbeat again.
+        # At least once, at most twice: a batch is asked again only if its answers were not
+        # stored (checkpointed) before the kill.
         assert {run.counts[value] for value in resource.values} <= {1, 2}, run.counts
 
     early_answers = run.answered_before_kill[run.early.resource_id]
