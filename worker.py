@@ -91,7 +91,7 @@ async def run(settings: Settings) -> None:
                 metrics=PrometheusConfig(bind_address=f"0.0.0.0:{settings.worker.metrics_port}")
             )
         )
-    client = await temporal.connect(runtime=runtime)
+    client = await temporal.connect(runtime=runtime, codec=settings.codec)
     engine = create_engine(settings)
     http = enrichment_client(settings)
     sessions = create_sessionmaker(engine)

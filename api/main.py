@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api import docs, problems
 from api.observability import ObservabilityMiddleware
 from api.ratelimit import write_buckets
-from api.routes import context, etl, health, resources
+from api.routes import codec, context, etl, health, resources
 from api.security import TokenVerifier, warn_if_disabled
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
@@ -52,7 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.settings = settings
         app.state.sessions = create_sessionmaker(engine)
         # Lazy: the API starts while Temporal is down; /readyz says so, writes answer 503.
-        app.state.temporal = await temporal.connect(lazy=True)
+        app.state.temporal = await temporal.connect(lazy=True, codec=settings.codec)
         warn_if_disabled(settings.auth)
         try:
             yield
@@ -71,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.token_verifier = token_verifier
     app.state.write_buckets = write_buckets(settings.rate_limit)
     problems.install(app)
+    app.add_middleware(codec.CodecCors, origins=settings.codec.cors_origins)
     app.add_middleware(KeepEncodedSlashes)
     app.add_middleware(ObservabilityMiddleware)
     # Metrics are served on a port of their own (`UPSERTFLOW_API__METRICS_PORT`), not here.
@@ -81,4 +82,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(context.router)
     app.include_router(resources.router)
     app.include_router(health.router)
+    app.include_router(codec.router)
     return app

@@ -451,7 +451,9 @@ class Results(NamedTuple):
 
 
 async def measure(stack: Stack, args: argparse.Namespace) -> Results:
-    client = await temporal.connect(env={"TEMPORAL_ADDRESS": stack.temporal_address})
+    client = await temporal.connect(
+        env={"TEMPORAL_ADDRESS": stack.temporal_address}, codec=stack.codec
+    )
     db = create_async_engine(stack.database_url)
     limits = httpx.Limits(max_connections=args.concurrency)
     try:

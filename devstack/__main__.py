@@ -70,6 +70,7 @@ def banner(stack: Stack, supervisor: Supervisor, settings: Settings) -> str:
         f"{apis}"
         f"{auth_lines(stack)}"
         f"    Temporal UI  {ui_url}\n"
+        f"    Codec        {codec_line(stack)}\n"
         f"    Temporal     {stack.temporal_address}\n"
         f"    Enrichment   {stack.enrichment_url}\n"
         "    Processes    "
@@ -93,6 +94,16 @@ def auth_lines(stack: Stack) -> str:
     return (
         f"    Token        TOKEN=$({python} -m api.tokens)   (every scope, 1 h; --help)\n"
         f'                 curl -H "Authorization: Bearer $TOKEN" {stack.api_url}/resources\n'
+    )
+
+
+def codec_line(stack: Stack) -> str:
+    """Where the payload keys come from, and where the UI decodes them."""
+    keys = stack.codec.keys_file or "UPSERTFLOW_CODEC__KEYS"
+    own_ui = stack.config.temporal_address is None and stack.temporal.ui_port
+    endpoint = stack.temporal.codec_endpoint if own_ui else None
+    return f"payloads encrypted (keys: {keys})" + (
+        f"; the UI decodes them at {endpoint}" if endpoint else ""
     )
 
 

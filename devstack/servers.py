@@ -138,7 +138,8 @@ class TemporalDevServer(Child):
     """`temporal server start-dev` with its state in a SQLite file (`db_file`) or in memory.
 
     `ui_port` None: no Web UI. `dynamic_config`: `KEY=VALUE` server settings on top of
-    the stack's own.
+    the stack's own. `codec_endpoint`: the codec server the Web UI decodes payloads with
+    (upsertflow's API + `/codec`).
     """
 
     def __init__(
@@ -151,11 +152,13 @@ class TemporalDevServer(Child):
         env: dict[str, str] | None = None,
         log_path: Path | None = None,
         dynamic_config: Sequence[str] = (),
+        codec_endpoint: str | None = None,
     ) -> None:
         self.db_file = db_file
         self.ip = ip
         self.port = port
         self.ui_port = ui_port
+        self.codec_endpoint = codec_endpoint
         ports = [(ip, port)] + ([("127.0.0.1", ui_port)] if ui_port else [])
         command = self._command(dynamic_config)
         super().__init__(
@@ -199,6 +202,8 @@ class TemporalDevServer(Child):
             args += ["--sqlite-pragma", "synchronous=NORMAL"]
         if self.ui_port:
             args += ["--ui-port", str(self.ui_port)]
+            if self.codec_endpoint:
+                args += ["--ui-codec-endpoint", self.codec_endpoint]
         else:
             args += ["--headless"]
         return args

@@ -9,6 +9,7 @@ started again on its own.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -25,7 +26,7 @@ from pydantic import SecretStr
 
 from api.security import Scope
 from api.tokens import SIGNING_KEY_FILE, ensure_signing_key, mint
-from devstack import cpu
+from devstack import codec, cpu
 from devstack.processes import (
     REPO_ROOT,
     SERVER_GRACE_SECONDS,
@@ -36,7 +37,7 @@ from devstack.processes import (
     log,
 )
 from devstack.servers import EmbeddedPostgres, TemporalDevServer, migrate
-from upsertflow.settings import Auth, Settings, Worker
+from upsertflow.settings import Auth, Codec, Settings, Worker
 
 #: What an isolated stack's children never inherit from this process's environment.
 SETTINGS_PREFIXES = ("TEMPORAL_", "UPSERTFLOW_", "ENRICHMENT_")
@@ -90,9 +91,11 @@ class Stack(Processes):
         self.env = self._environment()
         #: How the APIs verify tokens: a local signing key unless auth is configured.
         self.auth = self._auth()
+        self.api_ports = [port or free_port() for port in config.api_ports]
         self._postgres: EmbeddedPostgres | None = None
         self._temporal: TemporalDevServer | None = None
         self._enrichment: Child | None = None
+        self._codec_key_file: Path | None = None
         if config.database_url is None:
             self._postgres = EmbeddedPostgres(self.root / "postgres", self.env)
         if config.temporal_address is None:
@@ -104,10 +107,13 @@ class Stack(Processes):
                 env=self.env,
                 log_path=self.root / "temporal.log" if config.shell else self._log("temporal"),
                 dynamic_config=config.temporal_dynamic_config,
+                codec_endpoint=codec.codec_endpoint(self.api_urls[0]) if self.api_urls else None,
             )
             self.env["TEMPORAL_ADDRESS"] = self._temporal.address
             if self._temporal.ui_url:
                 self.env["UPSERTFLOW_TEMPORAL_UI_URL"] = self._temporal.ui_url
+        #: The payload encryption of the workers and APIs, for clients of this process.
+        self.codec = self._codec()
         if config.enrichment_url is None:
             port = config.enrichment_port or free_port()
             self._enrichment = enrichment_service(
@@ -122,7 +128,6 @@ class Stack(Processes):
             self._app(name, ["worker"], [], self._worker_overrides(n), ready_log="worker started")
             for n, name in enumerate(_names("worker", config.workers))
         ]
-        self.api_ports = [port or free_port() for port in config.api_ports]
         self.apis = [
             self._app(name, ["api"], *self._api_listeners(n, port))
             for n, (name, port) in enumerate(
@@ -158,6 +163,25 @@ class Stack(Processes):
         if config.enrichment_url is not None:
             env["UPSERTFLOW_ENRICHMENT__URL"] = config.enrichment_url
         return env
+
+    def _codec(self) -> Codec:
+        """Encryption on, with a local key unless keys are configured; the UI's origins allowed.
+
+        The children read what this process reads in the shell (its environment and `.env`),
+        and only the stack's environment otherwise.
+        """
+        configured = Settings().codec if self.config.shell else codec.codec_from_env(self.env)
+        if not codec.has_keys(configured):
+            self._codec_key_file = self.root / "codec-keys"
+            self.env[codec.KEYS_FILE] = str(self._codec_key_file)
+            configured = configured.model_copy(update={"keys_file": self._codec_key_file})
+        if self._temporal is not None and self._temporal.ui_url:
+            ui_origins = codec.ui_origins(self._temporal.ui_url)
+            origins = codec.with_origins(configured.cors_origins, ui_origins)
+            if origins != configured.cors_origins:
+                self.env[codec.CORS_ORIGINS] = json.dumps(origins)
+                configured = configured.model_copy(update={"cors_origins": origins})
+        return configured
 
     def _auth(self) -> Auth:
         """Tokens signed with a local key (kept in `root`), unless auth is configured."""
@@ -332,6 +356,8 @@ class Stack(Processes):
             log.info("Temporal dev server ready at %s", self._temporal.address)
         if stopped():
             return
+        if self._codec_key_file is not None:
+            codec.make_key_file(self._codec_key_file)
         migrate(self.database_url)
         for child in self.parts:
             if child in self.children:

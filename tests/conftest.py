@@ -23,8 +23,9 @@ from devstack import REPO_ROOT, EmbeddedPostgres, TemporalDevServer, free_port, 
 from devstack.stack import enrichment_service
 from tests.helpers import auth_headers
 from upsertflow import temporal
+from upsertflow.codec import CodecKey
 from upsertflow.db import create_engine, create_sessionmaker
-from upsertflow.settings import Auth, Enrichment, RateLimit, Settings
+from upsertflow.settings import Auth, Codec, Enrichment, RateLimit, Settings
 from worker import build_worker, enrichment_client
 
 #: The suite's local signing key: its APIs verify tokens with it (auth is on in every test).
@@ -77,17 +78,26 @@ def temporal_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-async def client(temporal_address: str) -> Client:
-    return await temporal.connect()
+def codec() -> Codec:
+    """Payload encryption with a key of the session's own: the suite runs encrypted."""
+    return Codec(keys=SecretStr(CodecKey.generate("test").spec()))
+
+
+@pytest.fixture(scope="session")
+async def client(temporal_address: str, codec: Codec) -> Client:
+    return await temporal.connect(codec=codec)
 
 
 @pytest.fixture
-def settings(database_url: str, temporal_address: str, enrichment_url: str) -> Settings:
+def settings(
+    database_url: str, temporal_address: str, enrichment_url: str, codec: Codec
+) -> Settings:
     """Settings for one test: its own task queue, so its workflows meet only its worker."""
     return Settings(
         database_url=database_url,
         task_queue=f"test-{uuid.uuid4().hex}",
         enrichment=Enrichment(url=enrichment_url),
+        codec=codec,
         auth=Auth(signing_key=SecretStr(SIGNING_KEY)),
         rate_limit=UNTHROTTLED,
     )

@@ -124,7 +124,9 @@ async def enrichment(stack: Stack, service: EnrichmentAdmin) -> AsyncIterator[En
 @pytest.fixture(scope="module")
 async def client(stack: Stack) -> Client:
     return await temporal.connect(
-        env={"TEMPORAL_ADDRESS": stack.temporal_address}, target_host=stack.temporal_address
+        env={"TEMPORAL_ADDRESS": stack.temporal_address},
+        target_host=stack.temporal_address,
+        codec=stack.codec,
     )
 
 

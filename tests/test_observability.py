@@ -85,7 +85,7 @@ async def metered_worker(
     runtime = Runtime(
         telemetry=TelemetryConfig(metrics=PrometheusConfig(bind_address=f"127.0.0.1:{port}"))
     )
-    client = await temporal.connect(runtime=runtime)
+    client = await temporal.connect(runtime=runtime, codec=settings.codec)
     async with enrichment_client(settings) as http:
         async with build_worker(client, settings, sessions, http):
             yield f"http://127.0.0.1:{port}/metrics"

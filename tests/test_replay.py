@@ -3,6 +3,10 @@
 A change to `UpsertWorkflow` that running workflows would not survive fails
 here. Guard such a change with `workflow.patched()`; record afresh
 (`make record-histories`) only for changes meant to break old histories.
+
+They replay with the workers' data converter (`upsertflow.temporal.data_converter`):
+histories recorded before payloads were encrypted, and encrypted ones (with the
+test-only key in `tests/histories/codec-keys`), which do not replay without their key.
 """
 
 from __future__ import annotations
@@ -12,27 +16,68 @@ from pathlib import Path
 
 import httpx
 import pytest
+from pydantic import SecretStr
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.worker import Replayer, Worker
 
 from tests.helpers import wait_for_etl
+from upsertflow import temporal
+from upsertflow.codec import CodecKey
+from upsertflow.settings import Codec
 from workflows import pipeline
 from workflows.upsert import UpsertWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
-SCENARIOS = ["succeeded", "succeeded_after_retries", "failed", "retried", "superseded", "cancelled"]
+#: Recorded before payloads were encrypted, and after (`encrypted_*`): both replay.
+SCENARIOS = [
+    "succeeded",
+    "succeeded_after_retries",
+    "failed",
+    "retried",
+    "superseded",
+    "cancelled",
+    "encrypted_succeeded",
+    "encrypted_failed",
+]
+#: The test-only key the histories are recorded with (`tests/histories/record.py`).
+HISTORY_CODEC = Codec(keys_file=HISTORIES / "codec-keys")
+
+
+def replayer() -> Replayer:
+    """A replayer with the workers' data converter (`upsertflow.temporal.data_converter`)."""
+    return Replayer(
+        workflows=[UpsertWorkflow], data_converter=temporal.data_converter(HISTORY_CODEC)
+    )
 
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 async def test_recorded_history_replays(scenario: str) -> None:
     path = HISTORIES / f"{scenario}.json"
     history = WorkflowHistory.from_json(f"upsert-{scenario}", path.read_text())
-    replayer = Replayer(workflows=[UpsertWorkflow], data_converter=pydantic_data_converter)
 
-    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
 
     assert result.replay_failure is None, f"{scenario}: {result.replay_failure}"
+
+
+async def test_an_encrypted_history_does_not_replay_without_its_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    path = HISTORIES / "encrypted_failed.json"
+    history = WorkflowHistory.from_json("upsert-encrypted", path.read_text())
+    other_key = Codec(keys=SecretStr(CodecKey.generate("other").spec()))
+    without_key = Replayer(
+        workflows=[UpsertWorkflow], data_converter=temporal.data_converter(other_key)
+    )
+
+    result = await without_key.replay_workflow(history, raise_on_replay_failure=False)
+
+    assert result.replay_failure is not None
+    # The failure itself is encoded (with the other key); the worker's log says why.
+    logged = "\n".join(
+        str(record.exc_info[1]) for record in caplog.records if record.exc_info is not None
+    )
+    assert "a payload is encrypted with the key 'histories', which is not configured" in logged
 
 
 def _add_a_step(monkeypatch: pytest.MonkeyPatch) -> int:
@@ -53,9 +98,8 @@ async def test_recorded_history_replays_after_a_step_is_added(
     _add_a_step(monkeypatch)
     path = HISTORIES / f"{scenario}.json"
     history = WorkflowHistory.from_json(f"upsert-{scenario}", path.read_text())
-    replayer = Replayer(workflows=[UpsertWorkflow], data_converter=pydantic_data_converter)
 
-    result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
+    result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
 
     assert result.replay_failure is None, f"{scenario}: {result.replay_failure}"
 
@@ -79,3 +123,9 @@ async def test_a_new_workflow_runs_the_newest_pipeline(
     assert progress.pipeline_version == version, progress
     assert [step.name for step in progress.steps] == ["normalize", "renormalize", "enrich", "load"]
     assert final["context"]["country.country_name"] == "France"
+    # Its history, encrypted with the suite's key, replays with the workers' data converter.
+    history = await handle.fetch_history()
+    live = Replayer(workflows=[UpsertWorkflow], data_converter=client.data_converter)
+    assert (
+        await live.replay_workflow(history, raise_on_replay_failure=False)
+    ).replay_failure is None

@@ -31,6 +31,8 @@ def stack(settings: Settings, database_url: str, temporal_address: str) -> Itera
             "UPSERTFLOW_TASK_QUEUE": f"ops-{uuid.uuid4().hex}",
             "UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS": "20",
             "UPSERTFLOW_LOG_FORMAT": "json",
+            # The API of the test (in-process) encrypts with the suite's key.
+            "UPSERTFLOW_CODEC__KEYS": settings.codec.keys.get_secret_value(),
         },
     )
     with Stack(config) as running:

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from temporalio import activity
 from temporalio.client import WorkflowFailureError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from devstack import venv_binary
+from upsertflow import temporal
 from upsertflow.contracts import (
     EtlProgress,
     EtlStatus,
@@ -35,16 +35,18 @@ from upsertflow.contracts import (
     UpsertRequest,
 )
 from upsertflow.naming import SEARCH_ATTRIBUTES
+from upsertflow.settings import Codec
 from workflows.pipeline import PIPELINE, Step
 from workflows.upsert import UpsertWorkflow
 
 
 @pytest.fixture
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    """A time-skipping server per test: a shared one can silently stop skipping."""
+async def env(codec: Codec) -> AsyncIterator[WorkflowEnvironment]:
+    """A time-skipping server per test (a shared one can silently stop skipping), with the
+    data converter of the suite's workers: payloads encrypted."""
     async with await WorkflowEnvironment.start_time_skipping(
         test_server_existing_path=venv_binary("temporal-test-server"),
-        data_converter=pydantic_data_converter,
+        data_converter=temporal.data_converter(codec),
     ) as environment:
         yield environment
 

@@ -168,6 +168,9 @@ class Codec(BaseModel):
     """
 
     keys: SecretStr = SecretStr("")
+    #: A file holding the keys instead (a mounted secret): the same entries, separated by
+    #: commas or lines. Read once at start.
+    keys_file: Path | None = None
     #: Origins allowed to call the codec endpoints from a browser (the Temporal UI).
     cors_origins: list[str] = ["http://localhost:8233", "http://localhost:8080"]
 

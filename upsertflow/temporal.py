@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes
 from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError
+
+from upsertflow.codec import EncryptionCodec, load_keys
+from upsertflow.settings import Codec, get_settings
 
 DEFAULT_ADDRESS = "localhost:7233"
 
@@ -30,10 +35,34 @@ def connect_config(env: Mapping[str, str] | None = None) -> ClientConnectConfig:
     return config
 
 
+def data_converter(codec: Codec) -> DataConverter:
+    """The one data converter of every client, worker, replayer and test environment.
+
+    Pydantic models as JSON; with codec keys, every payload encrypted (`upsertflow.codec`)
+    and failure messages and stack traces moved into an encrypted payload too.
+    """
+    keys = load_keys(codec)
+    if not keys:
+        return pydantic_data_converter
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=EncryptionCodec(keys),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
 async def connect(
-    env: Mapping[str, str] | None = None, runtime: Runtime | None = None, **overrides: Any
+    env: Mapping[str, str] | None = None,
+    runtime: Runtime | None = None,
+    *,
+    codec: Codec | None = None,
+    **overrides: Any,
 ) -> Client:
-    """Connect a client with upsertflow's data converter (pydantic models on the wire)."""
+    """Connect a client with upsertflow's data converter (`data_converter`).
+
+    `codec`: the payload encryption settings; by default the process's (`get_settings()`).
+    """
     config: dict[str, Any] = dict(connect_config(env))
     config.update(overrides)
-    return await Client.connect(**config, data_converter=pydantic_data_converter, runtime=runtime)
+    converter = data_converter(codec if codec is not None else get_settings().codec)
+    return await Client.connect(**config, data_converter=converter, runtime=runtime)

@@ -7,6 +7,10 @@ HTTP and writes the history of its workflow to DIR (next to this file by default
 Record afresh only when the change to workflow code is meant to break old histories,
 which running workflows would not survive; otherwise keep the old histories and guard
 the change with `workflow.patched()`.
+
+The payloads are encrypted, as in production, with the test-only key in `codec-keys`
+next to this file (never a real one: it is in the repository), which the replay tests
+decrypt with. Histories recorded before encryption was on are kept: they replay too.
 """
 
 from __future__ import annotations
@@ -21,12 +25,14 @@ from typing import Any
 import httpx
 from temporalio.client import Client, WorkflowFailureError
 
-from devstack import Stack
+from devstack import Stack, StackConfig
 from tests.helpers import TERMINAL, wait_for_etl
 from upsertflow import temporal
 from workflows.upsert import UpsertWorkflow
 
 HERE = Path(__file__).parent
+#: The test-only key the recorded payloads are encrypted with.
+CODEC_KEYS = HERE / "codec-keys"
 
 
 class Recorder:
@@ -113,9 +119,11 @@ SCENARIOS: list[Callable[[Recorder], Awaitable[None]]] = [
 
 
 async def record(stack: Stack, out: Path) -> None:
-    client = await temporal.connect(env={"TEMPORAL_ADDRESS": stack.temporal_address})
+    client = await temporal.connect(
+        env={"TEMPORAL_ADDRESS": stack.temporal_address}, codec=stack.codec
+    )
     async with (
-        httpx.AsyncClient(base_url=stack.api_url, timeout=30) as api,
+        httpx.AsyncClient(base_url=stack.api_url, timeout=30, headers=stack.auth_headers()) as api,
         httpx.AsyncClient(base_url=stack.enrichment_url, timeout=10) as enrichment,
     ):
         recorder = Recorder(api, enrichment, client, out)
@@ -129,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=HERE, help="where to write the histories")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    with Stack() as stack:
+    with Stack(StackConfig(env={"UPSERTFLOW_CODEC__KEYS_FILE": str(CODEC_KEYS)})) as stack:
         asyncio.run(record(stack, args.out))
 
 
