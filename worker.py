@@ -92,7 +92,7 @@ async def run(settings: Settings) -> None:
             )
         )
     client = await temporal.connect(runtime=runtime, codec=settings.codec)
-    engine = create_engine(settings)
+    engine = create_engine(settings, pre_ping=False)
     http = enrichment_client(settings)
     sessions = create_sessionmaker(engine)
     worker = build_worker(client, settings, sessions, http)
