@@ -98,12 +98,12 @@ def auth_lines(stack: Stack) -> str:
 
 
 def codec_line(stack: Stack) -> str:
-    """Where the payload keys come from, and where the UI decodes them."""
+    """Where the payload keys come from, and the codec server the UI is pointed at."""
     keys = stack.codec.keys_file or "UPSERTFLOW_CODEC__KEYS"
     own_ui = stack.config.temporal_address is None and stack.temporal.ui_port
     endpoint = stack.temporal.codec_endpoint if own_ui else None
     return f"payloads encrypted (keys: {keys})" + (
-        f"; the UI decodes them at {endpoint}" if endpoint else ""
+        f"; codec server {endpoint} (scope `codec`)" if endpoint else ""
     )
 
 
