@@ -28,7 +28,7 @@ from workflows import pipeline
 from workflows.upsert import UpsertWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
-#: Recorded before payloads were encrypted, and after (`encrypted_*`): both replay.
+#: Recorded before payloads were encrypted, and after (`encrypted_*`, `v2_*`): all replay.
 SCENARIOS = [
     "succeeded",
     "succeeded_after_retries",
@@ -38,6 +38,13 @@ SCENARIOS = [
     "cancelled",
     "encrypted_succeeded",
     "encrypted_failed",
+    # Pipeline v2 (`persist`, `claim_etl`, `record_outcome` as local activities).
+    "v2_succeeded",
+    "v2_succeeded_after_retries",
+    "v2_failed",
+    "v2_retried",
+    "v2_superseded",
+    "v2_cancelled",
 ]
 #: The test-only key the histories are recorded with (`tests/histories/record.py`).
 HISTORY_CODEC = Codec(keys_file=HISTORIES / "codec-keys")
