@@ -13,7 +13,7 @@ from api import docs, problems
 from api.observability import ObservabilityMiddleware
 from api.ratelimit import write_buckets
 from api.routes import codec, context, etl, health, resources
-from api.security import TokenVerifier, warn_if_disabled
+from api.security import TokenVerifier, check_codec_access, warn_if_disabled
 from upsertflow import temporal
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.settings import Settings, get_settings
@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """
     settings = settings or get_settings()
     token_verifier = TokenVerifier(settings.auth)
+    check_codec_access(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -28,7 +28,7 @@ from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer, SecurityScopes
 
 from api.problems import Problem
-from upsertflow.settings import Auth
+from upsertflow.settings import Auth, Settings
 
 log = logging.getLogger("upsertflow.api.auth")
 
@@ -119,6 +119,25 @@ def check_config(auth: Auth) -> None:
             jwt.PyJWKClient(auth.jwks_url)
         except jwt.PyJWKClientError as error:
             raise AuthNotConfigured(f"UPSERTFLOW_AUTH__JWKS_URL: {error}") from None
+
+
+#: Hosts only this machine can reach.
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def check_codec_access(settings: Settings) -> None:
+    """Refuse a tokenless codec server on a non-loopback address; warn about it on loopback."""
+    if not settings.codec.dev_ui_without_token:
+        return
+    if settings.api.host not in LOOPBACK:
+        raise AuthNotConfigured(
+            "UPSERTFLOW_CODEC__DEV_UI_WITHOUT_TOKEN is for `make dev` on loopback only: "
+            f"the API listens on {settings.api.host}, where others could decrypt payloads"
+        )
+    log.warning(
+        "the codec endpoints answer WITHOUT a token (UPSERTFLOW_CODEC__DEV_UI_WITHOUT_TOKEN, "
+        "for the dev server's Web UI): anyone on this machine may decrypt payloads"
+    )
 
 
 def warn_if_disabled(auth: Auth) -> None:

@@ -27,6 +27,7 @@ import signal
 import sys
 from types import FrameType
 
+from api.security import LOOPBACK
 from devstack.stack import Stack, StackConfig
 from devstack.supervisor import Supervisor
 from upsertflow.logs import configure_logging
@@ -55,6 +56,8 @@ def config(settings: Settings, workers: int = 1, apis: int = 1) -> StackConfig:
         api_ports=[settings.api.port + n for n in range(apis)],
         api_host=settings.api.host,
         shell=True,
+        # The dev server's Web UI has no login: let it decode payloads (loopback only).
+        env={"UPSERTFLOW_CODEC__DEV_UI_WITHOUT_TOKEN": str(settings.api.host in LOOPBACK).lower()},
     )
 
 
@@ -102,8 +105,10 @@ def codec_line(stack: Stack) -> str:
     keys = stack.codec.keys_file or "UPSERTFLOW_CODEC__KEYS"
     own_ui = stack.config.temporal_address is None and stack.temporal.ui_port
     endpoint = stack.temporal.codec_endpoint if own_ui else None
+    tokenless = stack.env.get("UPSERTFLOW_CODEC__DEV_UI_WITHOUT_TOKEN") == "true"
+    access = "the UI decodes them there, no token on loopback" if tokenless else "scope `codec`"
     return f"payloads encrypted (keys: {keys})" + (
-        f"; codec server {endpoint} (scope `codec`)" if endpoint else ""
+        f"; codec server {endpoint} ({access})" if endpoint else ""
     )
 
 

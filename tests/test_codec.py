@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import re
 import subprocess
 import uuid
@@ -28,7 +29,7 @@ from temporalio.worker import Worker
 
 from api.main import create_app
 from api.routes.codec import MAX_PAYLOADS
-from api.security import Scope
+from api.security import AuthNotConfigured, Scope
 from devstack import Stack, StackConfig, venv_binary
 from devstack.codec import make_key_file
 from tests.helpers import auth_headers, wait_for_etl
@@ -296,6 +297,36 @@ async def test_codec_server_needs_a_token_with_the_codec_scope(
         assert "www-authenticate" in response.headers
         # The UI can read why (CORS headers on errors too).
         assert response.headers["access-control-allow-origin"] == UI_ORIGIN
+
+
+async def test_under_make_dev_the_ui_decodes_without_a_token_on_loopback_only(
+    codec_settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The dev server's Web UI has no login, so cannot send a token: `make dev` lets the
+    codec answer without one, on a loopback API only, with a warning at start."""
+    tokenless = codec_settings.model_copy(
+        update={"codec": codec_settings.codec.model_copy(update={"dev_ui_without_token": True})}
+    )
+    caplog.set_level(logging.WARNING, logger="upsertflow.api.auth")
+    app = create_app(tokenless)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            original = payload({"info": SECRET_TEXT})
+            [encrypted] = await EncryptionCodec([NEW]).encode([original])
+            decoded = await http.post(DECODE, json=as_json(encrypted), headers=UI_HEADERS)
+            # Only the codec: every other route still needs a token.
+            listed = await http.get("/resources")
+    assert decoded.status_code == 200, decoded.text
+    assert from_json(decoded.json()) == [original]
+    assert listed.status_code == 401
+    assert "WITHOUT a token" in caplog.text
+
+    public = tokenless.model_copy(
+        update={"api": tokenless.api.model_copy(update={"host": "0.0.0.0"})}
+    )
+    with pytest.raises(AuthNotConfigured, match="loopback"):
+        create_app(public)
 
 
 async def test_codec_cors_preflight_allows_the_ui_origin_only(codec_api: httpx.AsyncClient) -> None:

@@ -173,6 +173,10 @@ class Codec(BaseModel):
     keys_file: Path | None = None
     #: Origins allowed to call the codec endpoints from a browser (the Temporal UI).
     cors_origins: list[str] = ["http://localhost:8233", "http://localhost:8080"]
+    #: `make dev` only: the codec endpoints answer without a token, because the dev
+    #: server's Web UI has no login and so cannot send one. Anyone who can reach the API
+    #: can then decrypt payloads: an API listening beyond loopback refuses to start so.
+    dev_ui_without_token: bool = False
 
 
 class RateLimit(BaseModel):

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request, Security
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, SecurityScopes
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
 from starlette import types
@@ -29,8 +30,9 @@ from temporalio.api.common.v1 import Payload, Payloads
 from api.body import check_content_type, read_limited
 from api.deps import SettingsDep, TemporalDep
 from api.problems import Problem, problem_responses
-from api.security import Scope, require_scopes
+from api.security import ANONYMOUS, Caller, Scope, authorize, bearer
 from upsertflow.codec import UndecryptablePayload
+from upsertflow.settings import Settings
 
 PREFIX = "/codec"
 #: Payloads per request: the Web UI sends one event attribute's (a few) at a time, and
@@ -39,10 +41,23 @@ MAX_PAYLOADS = 1_000
 #: What the Temporal UI sends (`Authorization-Extras`: its id token, with `Authorization`).
 ALLOWED_HEADERS = ["Content-Type", "X-Namespace", "Authorization", "Authorization-Extras"]
 
+
+async def codec_access(
+    security_scopes: SecurityScopes,
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
+) -> Caller:
+    """A token with the `codec` scope; under `make dev` (`dev_ui_without_token`), none."""
+    settings: Settings = request.app.state.settings
+    if settings.codec.dev_ui_without_token:
+        return ANONYMOUS
+    return await authorize(security_scopes, request, credentials)
+
+
 router = APIRouter(
     prefix=PREFIX,
     tags=["codec"],
-    dependencies=[require_scopes(Scope.CODEC)],
+    dependencies=[Security(codec_access, scopes=[Scope.CODEC])],
     responses=problem_responses(401, 403),
 )
 
