@@ -126,7 +126,7 @@ class ResourceActivities:
             return superseded_result()
         records = await self._store.read_input(step)
         loaded = await versions.load_context(
-            self._sessions, step.resource_id, step.version, run_id, records
+            self._sessions, step.resource_id, step.version, run_id, records, step.pipeline_version
         )
         if not loaded:
             return superseded_result()

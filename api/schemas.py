@@ -49,6 +49,12 @@ class ResourcePublic(BaseModel):
     context_records: int | None = Field(
         default=None, description="How many records the context holds; null until one is loaded."
     )
+    context_pipeline_version: int | None = Field(
+        default=None,
+        description="The pipeline output version that computed the context "
+        "(`GET /resources?pipeline_version_lt=N` finds older ones); null until one is loaded, "
+        "and for a context loaded before versions were recorded.",
+    )
     context_url: str | None = Field(
         default=None,
         description="Where to read the context page by page, whatever its size; null until one "
@@ -73,6 +79,9 @@ class ResourceSummary(BaseModel):
     version: int
     updated_at: datetime
     etl_status: EtlStatus
+    context_pipeline_version: int | None = Field(
+        default=None, description="The pipeline output version of its context, if known."
+    )
 
 
 class ResourceList(BaseModel):

@@ -82,6 +82,9 @@ class StepInput(BaseModel):
     version: int
     step: str
     previous_step: str | None = None
+    #: The version of what the pipeline computes (`workflows.pipeline.OUTPUT_VERSION` when
+    #: the run started), recorded with the context it loads. None from runs before it.
+    pipeline_version: int | None = None
 
 
 class StepResult(BaseModel):

@@ -137,6 +137,9 @@ class ResourceContext(Base):
     #: The workflow run that loaded it: a retried `load` of that run finds its work done.
     run_id: Mapped[str | None] = mapped_column(Text)
     record_count: Mapped[int] = mapped_column(Integer)
+    #: The pipeline's output version that produced it (`workflows.pipeline.OUTPUT_VERSION`);
+    #: None for contexts loaded before it was recorded.
+    pipeline_version: Mapped[int | None] = mapped_column(Integer)
 
 
 class ResourceContextChunk(Base):

@@ -100,6 +100,11 @@ class Pipeline:
     claim_etl: Call
     record_outcome: Call
     steps: tuple[Step, ...]
+    #: The version of what the steps compute, recorded on every context they load: bump it
+    #: (in a new entry) with any change that alters outputs — a new enrichment field, a
+    #: fixed normalization rule, a new step — so `GET /resources?pipeline_version_lt=N`
+    #: finds the contexts to reprocess. A change of how calls run (v2) keeps it.
+    outputs: int = 1
 
     def activities(self) -> list[Callable[..., Any]]:
         """The activity methods this pipeline calls."""
@@ -189,6 +194,8 @@ PIPELINES: dict[int, Pipeline] = {
 #: The newest pipeline version: what new workflows run.
 PIPELINE_VERSION = max(PIPELINES)
 PIPELINE = PIPELINES[PIPELINE_VERSION].steps
+#: The version of what new workflows compute: what a context loaded today records.
+OUTPUT_VERSION = PIPELINES[PIPELINE_VERSION].outputs
 
 #: Every activity the workflows call: what a worker must register.
 ACTIVITIES: tuple[Callable[..., Any], ...] = tuple(

@@ -65,6 +65,7 @@ class UpsertWorkflow:
                         version=persisted.version,
                         step=step.name,
                         previous_step=previous,
+                        pipeline_version=self._pipeline.outputs,
                     ),
                     summary=f"{step.name} {request.resource_id} v{persisted.version}",
                 )

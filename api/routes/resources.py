@@ -112,6 +112,15 @@ async def list_resources(
     etl_status: Annotated[
         EtlStatus | None, Query(description="Only resources whose latest ETL has this status.")
     ] = None,
+    pipeline_version_lt: Annotated[
+        int | None,
+        Query(
+            ge=1,
+            le=2**31 - 1,
+            description="Only resources whose context was computed by a pipeline output version "
+            "below this (or by an unknown one): the contexts to reprocess.",
+        ),
+    ] = None,
 ) -> ResourceList:
     """Return resources in id order; follow `next_cursor` for the next page.
 
@@ -119,7 +128,11 @@ async def list_resources(
     """
     after = after_resource(cursor) if cursor is not None else None
     rows, more = await store.list_resources(
-        session, after=after, limit=limit, etl_status=etl_status
+        session,
+        after=after,
+        limit=limit,
+        etl_status=etl_status,
+        pipeline_version_lt=pipeline_version_lt,
     )
     items = [ResourceSummary(**vars(row)) for row in rows]
     return ResourceList(items=items, next_cursor=resource_cursor(items[-1].id) if more else None)
@@ -167,6 +180,7 @@ def _resource_public(
         context=dict(sorted(read.records.items())) if read.records is not None else None,
         context_version=context.load.version if context else None,
         context_records=context.record_count if context else None,
+        context_pipeline_version=context.pipeline_version if context else None,
         context_url=f"/resources/{resource.id}/context" if context else None,
         etl=EtlRef(
             status=EtlStatus(version.etl_status),

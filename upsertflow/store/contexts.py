@@ -36,6 +36,8 @@ class ContextSummary:
 
     load: ContextLoad
     record_count: int
+    #: The pipeline output version that computed it; None if unknown (loaded before).
+    pipeline_version: int | None = None
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, select
+from sqlalchemy import case, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from upsertflow.contracts import EtlStatus, Persisted
@@ -36,6 +36,7 @@ class ResourceListed:
     version: int
     updated_at: datetime
     etl_status: EtlStatus
+    context_pipeline_version: int | None
 
 
 async def current_version(session: AsyncSession, resource_id: str) -> ResourceVersion | None:
@@ -60,6 +61,7 @@ async def read_resource(
                 ResourceContext.version,
                 ResourceContext.loaded_at,
                 count,
+                ResourceContext.pipeline_version,
                 case((count <= max_inline_records, ResourceContext.records)),
             )
             .join(ResourceVersion, is_current_version())
@@ -69,20 +71,38 @@ async def read_resource(
     ).one_or_none()
     if row is None:
         return None
-    resource, version, context_version, loaded_at, records_count, records = row
+    resource, version, context_version, loaded_at, records_count, pipeline_version, records = row
     context = None
     if context_version is not None:
-        context = ContextSummary(ContextLoad(context_version, loaded_at), records_count)
+        context = ContextSummary(
+            ContextLoad(context_version, loaded_at), records_count, pipeline_version
+        )
     return ResourceRead(resource, version, context, records)
 
 
 async def list_resources(
-    session: AsyncSession, *, after: str | None, limit: int, etl_status: EtlStatus | None
+    session: AsyncSession,
+    *,
+    after: str | None,
+    limit: int,
+    etl_status: EtlStatus | None,
+    pipeline_version_lt: int | None = None,
 ) -> tuple[list[ResourceListed], bool]:
-    """Return up to `limit` resources in id order after the id `after`, and whether more follow."""
+    """Return up to `limit` resources in id order after the id `after`, and whether more follow.
+
+    `pipeline_version_lt`: only those whose context was computed by an older pipeline output
+    version, or an unknown one (a context loaded before versions were recorded).
+    """
     query = (
-        select(Resource.id, Resource.version, Resource.updated_at, ResourceVersion.etl_status)
+        select(
+            Resource.id,
+            Resource.version,
+            Resource.updated_at,
+            ResourceVersion.etl_status,
+            ResourceContext.pipeline_version,
+        )
         .join(ResourceVersion, is_current_version())
+        .outerjoin(ResourceContext, ResourceContext.resource_id == Resource.id)
         .order_by(Resource.id)
         .limit(limit + 1)
     )
@@ -90,9 +110,19 @@ async def list_resources(
         query = query.where(Resource.id > after)
     if etl_status is not None:
         query = query.where(ResourceVersion.etl_status == etl_status)
+    if pipeline_version_lt is not None:
+        query = query.where(
+            ResourceContext.resource_id.is_not(None),
+            or_(
+                ResourceContext.pipeline_version.is_(None),
+                ResourceContext.pipeline_version < pipeline_version_lt,
+            ),
+        )
     rows = (await session.execute(query)).all()
     items = [
-        ResourceListed(row.id, row.version, row.updated_at, EtlStatus(row.etl_status))
+        ResourceListed(
+            row.id, row.version, row.updated_at, EtlStatus(row.etl_status), row.pipeline_version
+        )
         for row in rows[:limit]
     ]
     return items, len(rows) > limit

@@ -172,6 +172,7 @@ async def load_context(
     version: int,
     run_id: str,
     records: dict[str, Any],
+    pipeline_version: int | None = None,
 ) -> bool:
     """Replace the resource's context with the version's records; False (nothing written)
     if the version is no longer current, its ETL is no longer this workflow's, or a newer
@@ -196,13 +197,21 @@ async def load_context(
             loaded_at=func.now(),
             run_id=run_id,
             record_count=len(records),
+            pipeline_version=pipeline_version,
         )
         await session.execute(
             context.on_conflict_do_update(
                 index_elements=[ResourceContext.resource_id],
                 set_={
                     column: context.excluded[column]
-                    for column in ("version", "records", "loaded_at", "run_id", "record_count")
+                    for column in (
+                        "version",
+                        "records",
+                        "loaded_at",
+                        "run_id",
+                        "record_count",
+                        "pipeline_version",
+                    )
                 },
             )
         )
