@@ -1,4 +1,5 @@
-"""The Temporal worker: runs `UpsertWorkflow` and its activities.
+"""The Temporal worker: runs `UpsertWorkflow` and its activities, and reprocessing jobs
+(`ReprocessWorkflow`, with their re-runs) on a task queue of their own.
 
 Run any number of these, on any number of machines: `upsertflow-worker`.
 SIGTERM or SIGINT stops polling and lets running activities finish within
@@ -17,22 +18,32 @@ from typing import Any
 import httpx
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
+from temporalio.common import WorkerDeploymentVersion
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Interceptor, Worker
 
 from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
+from activities.reprocess import ReprocessActivities
 from activities.resources import ResourceActivities
-from upsertflow import temporal
+from activities.webhooks import WebhookActivities
+from upsertflow import temporal, tracing, versioning
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
+from upsertflow.naming import reprocess_task_queue
 from upsertflow.settings import Settings, get_settings
 from upsertflow.store.steps import StepStore
+from workflows.notify import NotifyWorkflow
 from workflows.pipeline import ACTIVITIES
+from workflows.reprocess import ReprocessWorkflow
 from workflows.upsert import UpsertWorkflow
 
 log = logging.getLogger("upsertflow.worker")
+
+#: How long a new worker waits for the server to register its version before giving up on
+#: making a fresh deployment's first version current.
+FIRST_VERSION_TIMEOUT_SECONDS = 60.0
 
 
 def build_worker(
@@ -41,19 +52,61 @@ def build_worker(
     sessions: async_sessionmaker[AsyncSession],
     http: httpx.AsyncClient,
     interceptors: Sequence[Interceptor] = (),
+    version: WorkerDeploymentVersion | None = None,
 ) -> Worker:
-    """Return a worker for upsertflow's workflows and activities on the configured task queue."""
+    """Return a worker for upsertflow's workflows and activities on the configured task queue.
+
+    With a `version`, the worker is that version of its Worker Deployment (Worker
+    Versioning); without, an unversioned worker (the tests' in-process workers).
+    """
     implementations = [
         ResourceActivities(sessions),
         EnrichActivities(StepStore(sessions), http, settings.enrichment),
+        WebhookActivities(http, settings.webhooks),
     ]
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[UpsertWorkflow],
+        workflows=[UpsertWorkflow, NotifyWorkflow],
         activities=bind_activities(implementations, ACTIVITIES),
         interceptors=[AttemptInterceptor(), *interceptors],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
+        deployment_config=versioning.deployment_config(version) if version else None,
+    )
+
+
+def build_reprocess_worker(
+    client: Client,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    http: httpx.AsyncClient,
+    interceptors: Sequence[Interceptor] = (),
+    **options: Any,
+) -> Worker:
+    """Return a worker for reprocessing jobs and their ETL re-runs, on their own task queue.
+
+    Its slots (`settings.reprocess`) are its own: however large a job, live upserts, on
+    the other task queue, never wait for one. `options`: more `Worker` arguments.
+    """
+    implementations = [
+        ResourceActivities(sessions),
+        EnrichActivities(StepStore(sessions), http, settings.enrichment),
+        ReprocessActivities(sessions),
+    ]
+    slots = settings.reprocess
+    return Worker(
+        client,
+        task_queue=reprocess_task_queue(settings.task_queue),
+        workflows=[ReprocessWorkflow, UpsertWorkflow],
+        activities=bind_activities(
+            implementations, (*ACTIVITIES, ReprocessActivities.count, ReprocessActivities.page)
+        ),
+        interceptors=[AttemptInterceptor(), *interceptors],
+        graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
+        max_concurrent_activities=slots.max_concurrent_activities,
+        max_concurrent_workflow_tasks=slots.max_concurrent_workflow_tasks,
+        max_concurrent_local_activities=slots.max_concurrent_local_activities,
+        **options,
     )
 
 
@@ -76,10 +129,12 @@ def bind_activities(
 def enrichment_client(settings: Settings) -> httpx.AsyncClient:
     """The worker's one HTTP client for the enrichment service: pooled, with timeouts."""
     limit = settings.enrichment.max_connections
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         timeout=settings.enrichment.request_timeout_seconds,
         limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
     )
+    tracing.instrument_http_client(client)
+    return client
 
 
 async def run(settings: Settings) -> None:
@@ -93,30 +148,66 @@ async def run(settings: Settings) -> None:
         )
     client = await temporal.connect(runtime=runtime, codec=settings.codec)
     engine = create_engine(settings, pre_ping=False)
+    tracing.instrument_engine(engine)
     http = enrichment_client(settings)
     sessions = create_sessionmaker(engine)
-    worker = build_worker(client, settings, sessions, http)
+    version = versioning.deployment_version(settings.worker)
+    worker = build_worker(client, settings, sessions, http, version=version)
+    reprocess_worker = build_reprocess_worker(client, settings, sessions, http)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     janitor = asyncio.create_task(run_periodically(sessions, client, settings.janitor))
+    first_version: asyncio.Task[bool] | None = None
     try:
-        async with worker:
-            log.info("worker started", extra={"task_queue": settings.task_queue})
+        async with worker, reprocess_worker:
+            log.info(
+                "worker started", extra={"task_queue": settings.task_queue, **_described(version)}
+            )
+            if version is not None:
+                first_version = asyncio.create_task(_make_current_if_unset(client, version))
+                first_version.add_done_callback(_log_failure)
             await stop.wait()
             log.info("worker stopping: finishing running activities")
     finally:
         janitor.cancel()
+        if first_version is not None:
+            first_version.cancel()
         await http.aclose()
         await engine.dispose()
     log.info("worker stopped")
 
 
+def _described(version: WorkerDeploymentVersion | None) -> dict[str, str]:
+    if version is None:
+        return {"deployment": "unversioned"}
+    return {"deployment": version.deployment_name, "build_id": version.build_id}
+
+
+async def _make_current_if_unset(client: Client, version: WorkerDeploymentVersion) -> bool:
+    """A fresh deployment's first version becomes current by itself (`upsertflow.versioning`)."""
+    async with asyncio.timeout(FIRST_VERSION_TIMEOUT_SECONDS):
+        return await versioning.make_current_if_unset(client, version)
+
+
+def _log_failure(task: asyncio.Task[bool]) -> None:
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.error("could not check the deployment's current version: %s", error)
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
-    asyncio.run(run(settings))
+    try:
+        traced = tracing.configure_tracing("upsertflow-worker")
+    except tracing.TracingConfigError as error:
+        raise SystemExit(f"upsertflow-worker: not starting: {error}") from None
+    try:
+        asyncio.run(run(settings))
+    finally:
+        if traced:
+            traced.shutdown()
 
 
 if __name__ == "__main__":

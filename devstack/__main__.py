@@ -76,6 +76,7 @@ def banner(stack: Stack, supervisor: Supervisor, settings: Settings) -> str:
         f"    Codec        {codec_line(stack)}\n"
         f"    Temporal     {stack.temporal_address}\n"
         f"    Enrichment   {stack.enrichment_url}\n"
+        f"    Workers      {worker_line(stack)}\n"
         "    Processes    "
         + ", ".join(f"{name} {pid}" for name, pid in stack.pids().items())
         + "\n"
@@ -97,6 +98,17 @@ def auth_lines(stack: Stack) -> str:
     return (
         f"    Token        TOKEN=$({python} -m api.tokens)   (every scope, 1 h; --help)\n"
         f'                 curl -H "Authorization: Bearer $TOKEN" {stack.api_url}/resources\n'
+    )
+
+
+def worker_line(stack: Stack) -> str:
+    """The Worker Deployment version the workers run as (current), or unversioned."""
+    version = stack.worker_version
+    if version is None:
+        return "unversioned (UPSERTFLOW_WORKER__VERSIONING=false)"
+    return (
+        f"deployment {version.deployment_name}, build id {version.build_id} (current); "
+        f"temporal worker deployment describe --deployment-name {version.deployment_name}"
     )
 
 

@@ -2,7 +2,8 @@
 
 In start order: PostgreSQL and the Temporal dev server (each unless an external one
 is given), the migrations, the local enrichment service (unless one is given), N
-workers and M API processes; then it waits until every API is ready. `stop()` stops
+workers (a version of the Worker Deployment, made its current version once they poll)
+and M API processes; then it waits until every API is ready. `stop()` stops
 them in reverse order. Every part is a `Child` that can be killed, stopped and
 started again on its own.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -23,6 +25,7 @@ from types import TracebackType
 
 import httpx
 from pydantic import SecretStr
+from temporalio.common import WorkerDeploymentVersion
 
 from api.security import Scope
 from api.tokens import SIGNING_KEY_FILE, ensure_signing_key, mint
@@ -35,8 +38,10 @@ from devstack.processes import (
     check_port_free,
     free_port,
     log,
+    venv_binary,
 )
 from devstack.servers import EmbeddedPostgres, TemporalDevServer, migrate
+from upsertflow import versioning
 from upsertflow.settings import Auth, Codec, Settings, Worker
 
 #: What an isolated stack's children never inherit from this process's environment.
@@ -91,6 +96,9 @@ class Stack(Processes):
         self.env = self._environment()
         #: How the APIs verify tokens: a local signing key unless auth is configured.
         self.auth = self._auth()
+        #: The Worker Deployment version the workers run as (None: unversioned workers);
+        #: `start()` makes it the deployment's current version.
+        self.worker_version = self._worker_version()
         self.api_ports = [port or free_port() for port in config.api_ports]
         self._postgres: EmbeddedPostgres | None = None
         self._temporal: TemporalDevServer | None = None
@@ -198,6 +206,49 @@ class Stack(Processes):
         key = ensure_signing_key(self.root / SIGNING_KEY_FILE)
         self.env["UPSERTFLOW_AUTH__SIGNING_KEY"] = key
         return auth.model_copy(update={"signing_key": SecretStr(key)})
+
+    def _worker_version(self) -> WorkerDeploymentVersion | None:
+        """The workers' version, its build id fixed here so that the stack and they agree."""
+        if self.config.shell:
+            worker = Settings().worker
+        else:
+            prefix = "UPSERTFLOW_WORKER__"
+            given = {
+                k[len(prefix) :].lower(): v for k, v in self.env.items() if k.startswith(prefix)
+            }
+            worker = Worker.model_validate(given)
+        version = versioning.deployment_version(worker)
+        if version is not None:
+            self.env["UPSERTFLOW_WORKER__BUILD_ID"] = version.build_id
+        return version
+
+    def make_workers_current(self, timeout: float = 30.0) -> None:
+        """Make the workers' version current, once they have polled: new upserts go to them.
+
+        `temporal worker deployment set-current-version`, as an operator runs it, on the
+        stack's Temporal (the CLI reads the same `TEMPORAL_*` variables as the workers).
+        """
+        version = self.worker_version
+        if version is None:
+            return
+        command = [
+            venv_binary("temporal"),
+            *("worker", "deployment", "set-current-version", "--yes"),
+            *("--deployment-name", version.deployment_name, "--build-id", version.build_id),
+        ]
+        deadline = time.monotonic() + timeout
+        while True:
+            done = subprocess.run(command, env=self.env, capture_output=True, text=True)
+            if done.returncode == 0:
+                log.info("worker version %s is current", version.build_id)
+                return
+            # Until a worker of the version has polled, the server does not know it.
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"could not make {version} current: {done.stderr or done.stdout}"
+                )
+            self.check_alive()
+            time.sleep(0.2)
 
     def token(self, *scopes: str, subject: str = "devstack", ttl: float = 3600) -> str:
         """A token the stack's APIs accept: every scope unless `scopes` are given."""
@@ -365,6 +416,8 @@ class Stack(Processes):
             if stopped():
                 return
             self.start_child(child)
+            if self.workers and child is self.workers[-1]:
+                self.make_workers_current()
         self.wait_ready(stopping=stopping)
 
     def wait_ready(self, timeout: float = 60.0, stopping: threading.Event | None = None) -> None:
