@@ -1,5 +1,4 @@
-"""The Temporal worker: runs `UpsertWorkflow` and its activities, and reprocessing jobs
-(`ReprocessWorkflow`, with their re-runs) on a task queue of their own.
+"""The Temporal worker: runs `UpsertWorkflow` and its activities.
 
 Run any number of these, on any number of machines: `upsertflow-worker`.
 SIGTERM or SIGINT stops polling and lets running activities finish within
@@ -24,19 +23,14 @@ from temporalio.worker import Interceptor, Worker
 
 from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
-from activities.reprocess import ReprocessActivities
 from activities.resources import ResourceActivities
-from activities.webhooks import WebhookActivities
-from upsertflow import temporal, tracing, versioning
+from upsertflow import temporal, versioning
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
-from upsertflow.naming import reprocess_task_queue
 from upsertflow.settings import Settings, get_settings
 from upsertflow.store.steps import StepStore
-from workflows.notify import NotifyWorkflow
 from workflows.pipeline import ACTIVITIES
-from workflows.reprocess import ReprocessWorkflow
 from workflows.upsert import UpsertWorkflow
 
 log = logging.getLogger("upsertflow.worker")
@@ -62,51 +56,15 @@ def build_worker(
     implementations = [
         ResourceActivities(sessions),
         EnrichActivities(StepStore(sessions), http, settings.enrichment),
-        WebhookActivities(http, settings.webhooks),
     ]
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[UpsertWorkflow, NotifyWorkflow],
+        workflows=[UpsertWorkflow],
         activities=bind_activities(implementations, ACTIVITIES),
         interceptors=[AttemptInterceptor(), *interceptors],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
         deployment_config=versioning.deployment_config(version) if version else None,
-    )
-
-
-def build_reprocess_worker(
-    client: Client,
-    settings: Settings,
-    sessions: async_sessionmaker[AsyncSession],
-    http: httpx.AsyncClient,
-    interceptors: Sequence[Interceptor] = (),
-    **options: Any,
-) -> Worker:
-    """Return a worker for reprocessing jobs and their ETL re-runs, on their own task queue.
-
-    Its slots (`settings.reprocess`) are its own: however large a job, live upserts, on
-    the other task queue, never wait for one. `options`: more `Worker` arguments.
-    """
-    implementations = [
-        ResourceActivities(sessions),
-        EnrichActivities(StepStore(sessions), http, settings.enrichment),
-        ReprocessActivities(sessions),
-    ]
-    slots = settings.reprocess
-    return Worker(
-        client,
-        task_queue=reprocess_task_queue(settings.task_queue),
-        workflows=[ReprocessWorkflow, UpsertWorkflow],
-        activities=bind_activities(
-            implementations, (*ACTIVITIES, ReprocessActivities.count, ReprocessActivities.page)
-        ),
-        interceptors=[AttemptInterceptor(), *interceptors],
-        graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
-        max_concurrent_activities=slots.max_concurrent_activities,
-        max_concurrent_workflow_tasks=slots.max_concurrent_workflow_tasks,
-        max_concurrent_local_activities=slots.max_concurrent_local_activities,
-        **options,
     )
 
 
@@ -129,12 +87,10 @@ def bind_activities(
 def enrichment_client(settings: Settings) -> httpx.AsyncClient:
     """The worker's one HTTP client for the enrichment service: pooled, with timeouts."""
     limit = settings.enrichment.max_connections
-    client = httpx.AsyncClient(
+    return httpx.AsyncClient(
         timeout=settings.enrichment.request_timeout_seconds,
         limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
     )
-    tracing.instrument_http_client(client)
-    return client
 
 
 async def run(settings: Settings) -> None:
@@ -148,12 +104,10 @@ async def run(settings: Settings) -> None:
         )
     client = await temporal.connect(runtime=runtime, codec=settings.codec)
     engine = create_engine(settings, pre_ping=False)
-    tracing.instrument_engine(engine)
     http = enrichment_client(settings)
     sessions = create_sessionmaker(engine)
     version = versioning.deployment_version(settings.worker)
     worker = build_worker(client, settings, sessions, http, version=version)
-    reprocess_worker = build_reprocess_worker(client, settings, sessions, http)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -161,7 +115,7 @@ async def run(settings: Settings) -> None:
     janitor = asyncio.create_task(run_periodically(sessions, client, settings.janitor))
     first_version: asyncio.Task[bool] | None = None
     try:
-        async with worker, reprocess_worker:
+        async with worker:
             log.info(
                 "worker started", extra={"task_queue": settings.task_queue, **_described(version)}
             )
@@ -199,15 +153,7 @@ def _log_failure(task: asyncio.Task[bool]) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
-    try:
-        traced = tracing.configure_tracing("upsertflow-worker")
-    except tracing.TracingConfigError as error:
-        raise SystemExit(f"upsertflow-worker: not starting: {error}") from None
-    try:
-        asyncio.run(run(settings))
-    finally:
-        if traced:
-            traced.shutdown()
+    asyncio.run(run(settings))
 
 
 if __name__ == "__main__":
