@@ -24,12 +24,14 @@ from temporalio.worker import Interceptor, Worker
 from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
 from activities.resources import ResourceActivities
+from activities.webhooks import WebhookActivities
 from upsertflow import temporal, versioning
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
 from upsertflow.settings import Settings, get_settings
 from upsertflow.store.steps import StepStore
+from workflows.notify import NotifyWorkflow
 from workflows.pipeline import ACTIVITIES
 from workflows.upsert import UpsertWorkflow
 
@@ -56,11 +58,12 @@ def build_worker(
     implementations = [
         ResourceActivities(sessions),
         EnrichActivities(StepStore(sessions), http, settings.enrichment),
+        WebhookActivities(http, settings.webhooks),
     ]
     return Worker(
         client,
         task_queue=settings.task_queue,
-        workflows=[UpsertWorkflow],
+        workflows=[UpsertWorkflow, NotifyWorkflow],
         activities=bind_activities(implementations, ACTIVITIES),
         interceptors=[AttemptInterceptor(), *interceptors],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),

@@ -38,8 +38,8 @@ class Upsert:
     respond_async: bool
     idempotency_key: str | None
 
-    def request(self, request_id: str) -> UpsertRequest:
-        """The workflow's input: the documents by reference."""
+    def request(self, request_id: str, *, notify: bool = False) -> UpsertRequest:
+        """The workflow's input: the documents by reference; `notify`: call the webhook."""
         return UpsertRequest(
             resource_id=self.resource_id,
             request_id=request_id,
@@ -48,6 +48,7 @@ class Upsert:
             info_bytes=len(self.body.info.body),
             idempotency_key=self.idempotency_key,
             correlation_id=correlation_id.get() or None,
+            notify=notify,
         )
 
 
@@ -66,7 +67,7 @@ async def apply_upsert(
     await store_documents(
         sessions, upsert.resource_id, request_id, upsert.body.attributes, upsert.body.info
     )
-    request = upsert.request(request_id)
+    request = upsert.request(request_id, notify=bool(settings.webhooks.url))
     options = upsert_options(settings, request)
     headers = {"X-Request-ID": request_id, "Location": f"/resources/{upsert.resource_id}"}
     log.info(

@@ -49,6 +49,22 @@ class UpsertRequest(BaseModel):
     correlation_id: str | None = None
     #: Set by `POST /resources/{id}/etl/retry`: run the ETL again for this version, no persist.
     retry_of_version: int | None = None
+    #: Notify the webhook (`UPSERTFLOW_WEBHOOKS__URL`) when the ETL ends.
+    notify: bool = False
+
+
+class EtlEnded(BaseModel):
+    """What a webhook receives when an ETL ends: no resource data, only where to read it."""
+
+    #: The same for every delivery attempt of one event: receivers deduplicate on it.
+    id: str
+    type: str = "etl.ended"
+    resource_id: str
+    version: int
+    status: EtlStatus
+    error: str | None = None
+    workflow_id: str
+    ended_at: datetime
 
 
 class PersistInput(BaseModel):

@@ -25,6 +25,11 @@ ETL_STATUS = SearchAttributeKey.for_keyword("EtlStatus")
 SEARCH_ATTRIBUTES = {"ResourceId": "Keyword", "ResourceVersion": "Int", "EtlStatus": "Keyword"}
 
 
+def webhook_workflow_id(workflow_id: str) -> str:
+    """Return the id of the workflow that delivers the completion webhook of `workflow_id`."""
+    return f"webhook:{workflow_id}"
+
+
 def upsert_workflow_id(resource_id: str, request_id: str) -> str:
     """Return the id of the workflow that applies one upsert request."""
     return f"upsert:{resource_id}:{request_id}"

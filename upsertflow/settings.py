@@ -10,7 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -188,6 +188,30 @@ class Codec(BaseModel):
     dev_ui_without_token: bool = False
 
 
+class Webhooks(BaseModel):
+    """Completion notifications (`activities.webhooks`): a POST to `url` whenever an ETL ends
+    (succeeded, failed, superseded, cancelled), signed with `secret`.
+
+    Delivered by a workflow of its own (`webhook:<upsert workflow id>`) with retries, after
+    the ETL's outcome is recorded: a slow or failing receiver never holds up an ETL. One
+    URL for every resource: per-request URLs would let any caller make the workers call
+    any address (server-side request forgery).
+    """
+
+    #: Where to POST; empty: no notifications.
+    url: str = Field(default="", pattern=r"^(https?://.+)?$")
+    #: The HMAC-SHA256 key of the `Upsertflow-Signature` header (required with a `url`).
+    secret: SecretStr = SecretStr("")
+    #: Per delivery attempt.
+    timeout_seconds: float = Field(default=10.0, gt=0)
+
+    @model_validator(mode="after")
+    def _signed(self) -> Webhooks:
+        if self.url and not self.secret.get_secret_value():
+            raise ValueError("UPSERTFLOW_WEBHOOKS__URL needs UPSERTFLOW_WEBHOOKS__SECRET")
+        return self
+
+
 class RateLimit(BaseModel):
     """How many writes (`PUT`, `DELETE`, ETL retries) one caller may make (429 beyond)."""
 
@@ -235,6 +259,9 @@ class Settings(BaseSettings):
 
     # The API, the worker and every other Temporal client (payloads are encrypted).
     codec: Codec = Codec()
+
+    # The API (whether to notify) and the worker (where and how).
+    webhooks: Webhooks = Webhooks()
 
     # The worker.
     worker: Worker = Worker()

@@ -30,6 +30,7 @@ from temporalio.common import RetryPolicy
 
 from activities.enrich import EnrichActivities
 from activities.resources import ResourceActivities
+from activities.webhooks import WebhookActivities
 from upsertflow.contracts import StepInput, StepResult
 
 R = TypeVar("R")
@@ -197,7 +198,19 @@ PIPELINE = PIPELINES[PIPELINE_VERSION].steps
 #: The version of what new workflows compute: what a context loaded today records.
 OUTPUT_VERSION = PIPELINES[PIPELINE_VERSION].outputs
 
+#: A completion notification (`NotifyWorkflow`): a receiver down for a day is ridden out.
+WEBHOOK = Call(
+    start_to_close=timedelta(seconds=30),
+    schedule_to_close=timedelta(hours=24),
+    retry=RetryPolicy(
+        initial_interval=timedelta(seconds=1),
+        backoff_coefficient=2.0,
+        maximum_interval=timedelta(minutes=5),
+        non_retryable_error_types=["WebhookRejected"],
+    ),
+)
+
 #: Every activity the workflows call: what a worker must register.
 ACTIVITIES: tuple[Callable[..., Any], ...] = tuple(
-    {a: None for p in PIPELINES.values() for a in p.activities()}
+    {a: None for p in PIPELINES.values() for a in (*p.activities(), WebhookActivities.deliver)}
 )

@@ -5,13 +5,20 @@ from __future__ import annotations
 import asyncio
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError, CancelledError, FailureError
+from temporalio.exceptions import (
+    ActivityError,
+    ApplicationError,
+    CancelledError,
+    FailureError,
+    WorkflowAlreadyStartedError,
+)
 
 with workflow.unsafe.imports_passed_through():
     from activities.interceptor import failed_attempt
     from activities.resources import ResourceActivities
     from upsertflow.contracts import (
         ClaimInput,
+        EtlEnded,
         EtlProgress,
         EtlStatus,
         OutcomeInput,
@@ -22,7 +29,8 @@ with workflow.unsafe.imports_passed_through():
         StepStatus,
         UpsertRequest,
     )
-    from upsertflow.naming import ETL_STATUS, RESOURCE_ID, RESOURCE_VERSION
+    from upsertflow.naming import ETL_STATUS, RESOURCE_ID, RESOURCE_VERSION, webhook_workflow_id
+    from workflows.notify import NotifyWorkflow
     from workflows.pipeline import PIPELINES, Pipeline
 
 
@@ -214,6 +222,32 @@ class UpsertWorkflow:
             ),
             summary=f"record {status.value} {self._request.resource_id} v{self._progress.version}",
         )
+        if self._request.notify:
+            await self._notify(status)
+
+    async def _notify(self, status: EtlStatus) -> None:
+        """Start the delivery of the completion webhook, and leave it to run on its own."""
+        assert self._progress.version is not None
+        upsert_id = workflow.info().workflow_id
+        event = EtlEnded(
+            id=webhook_workflow_id(upsert_id),
+            resource_id=self._request.resource_id,
+            version=self._progress.version,
+            status=status,
+            error=self._progress.error,
+            workflow_id=upsert_id,
+            ended_at=workflow.now(),
+        )
+        try:
+            await workflow.start_child_workflow(
+                NotifyWorkflow.run,
+                event,
+                id=event.id,
+                parent_close_policy=workflow.ParentClosePolicy.ABANDON,
+                static_summary=f"Webhook: {status.value} {self._request.resource_id}",
+            )
+        except WorkflowAlreadyStartedError:
+            pass  # a reset run of this workflow: its event is on its way already
 
 
 def _pipeline_version() -> int:

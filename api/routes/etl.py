@@ -101,7 +101,9 @@ async def retry_etl(
     options = etl_retry_options(settings, version)
     WORKFLOWS_STARTED.labels("etl_retry").inc()
     try:
-        handle = await start(client, _retry_request(version), options)
+        handle = await start(
+            client, _retry_request(version, notify=bool(settings.webhooks.url)), options
+        )
     except WorkflowAlreadyStartedError:
         raise _already_retried(version) from None
     accepted = EtlRetryAccepted(
@@ -118,7 +120,7 @@ async def retry_etl(
     )
 
 
-def _retry_request(version: ResourceVersion) -> UpsertRequest:
+def _retry_request(version: ResourceVersion, *, notify: bool) -> UpsertRequest:
     """The input of a workflow that runs the ETL of `version` again (and persists nothing)."""
     return UpsertRequest(
         resource_id=version.resource_id,
@@ -127,6 +129,7 @@ def _retry_request(version: ResourceVersion) -> UpsertRequest:
         info_digest=version.blob_digest,
         retry_of_version=version.version,
         correlation_id=correlation_id.get() or None,
+        notify=notify,
     )
 
 
