@@ -25,7 +25,7 @@ from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
 from activities.resources import ResourceActivities
 from activities.webhooks import WebhookActivities
-from upsertflow import temporal, versioning
+from upsertflow import temporal, tracing, versioning
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
@@ -90,10 +90,12 @@ def bind_activities(
 def enrichment_client(settings: Settings) -> httpx.AsyncClient:
     """The worker's one HTTP client for the enrichment service: pooled, with timeouts."""
     limit = settings.enrichment.max_connections
-    return httpx.AsyncClient(
+    client = httpx.AsyncClient(
         timeout=settings.enrichment.request_timeout_seconds,
         limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
     )
+    tracing.instrument_http_client(client)
+    return client
 
 
 async def run(settings: Settings) -> None:
@@ -107,6 +109,7 @@ async def run(settings: Settings) -> None:
         )
     client = await temporal.connect(runtime=runtime, codec=settings.codec)
     engine = create_engine(settings, pre_ping=False)
+    tracing.instrument_engine(engine)
     http = enrichment_client(settings)
     sessions = create_sessionmaker(engine)
     version = versioning.deployment_version(settings.worker)
@@ -156,7 +159,15 @@ def _log_failure(task: asyncio.Task[bool]) -> None:
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
-    asyncio.run(run(settings))
+    try:
+        traced = tracing.configure_tracing("upsertflow-worker")
+    except tracing.TracingConfigError as error:
+        raise SystemExit(f"upsertflow-worker: not starting: {error}") from None
+    try:
+        asyncio.run(run(settings))
+    finally:
+        if traced:
+            traced.shutdown()
 
 
 if __name__ == "__main__":

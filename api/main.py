@@ -14,7 +14,7 @@ from api.observability import ObservabilityMiddleware
 from api.ratelimit import write_buckets
 from api.routes import codec, context, etl, health, resources
 from api.security import TokenVerifier, check_codec_access, warn_if_disabled
-from upsertflow import temporal
+from upsertflow import temporal, tracing
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.settings import Settings, get_settings
 
@@ -50,6 +50,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         engine = create_engine(settings)
+        tracing.instrument_engine(engine)
         app.state.settings = settings
         app.state.sessions = create_sessionmaker(engine)
         # Lazy: the API starts while Temporal is down; /readyz says so, writes answer 503.
@@ -68,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Served by `api.docs`, from files of the app rather than a CDN.
         docs_url=None,
         redoc_url=None,
+        # A span per request while tracing is on (`upsertflow.tracing`), none otherwise.
+        telemetry=tracing.fastapi_telemetry(),
     )
     app.state.token_verifier = token_verifier
     app.state.write_buckets = write_buckets(settings.rate_limit)

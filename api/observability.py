@@ -23,6 +23,8 @@ import structlog
 from prometheus_client import Counter, Histogram, start_http_server
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from upsertflow.tracing import set_correlation_id
+
 CORRELATION_HEADER = "X-Correlation-ID"
 _USABLE_ID = re.compile(r"[A-Za-z0-9._~:-]{1,128}")
 
@@ -82,6 +84,7 @@ class ObservabilityMiddleware:
         )
         cid = incoming if _USABLE_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = correlation_id.set(cid)
+        set_correlation_id(cid)
         status = 500
         started = time.perf_counter()
 

@@ -37,9 +37,12 @@ UNTHROTTLED = RateLimit(writes_per_second=10_000, burst=10_000)
 # Some test modules import these from here; they are the dev stack's.
 __all__ = ["REPO_ROOT", "free_port"]
 
-# The suite runs on its own servers, never on whatever the shell points at.
+# The suite runs on its own servers, never on whatever the shell points at, and traces
+# into no collector of the shell's (tests/test_tracing.py traces into memory).
 for _name in ("DATABASE_URL", "TEMPORAL_ADDRESS", "TEMPORAL_NAMESPACE", "TEMPORAL_API_KEY"):
     os.environ.pop(_name, None)
+for _name in [name for name in os.environ if name.startswith("OTEL_")]:
+    os.environ.pop(_name)
 
 
 @pytest.fixture(scope="session")

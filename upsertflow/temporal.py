@@ -13,6 +13,7 @@ from temporalio.envconfig import ClientConfig, ClientConnectConfig
 from temporalio.runtime import Runtime
 from temporalio.service import RPCError
 
+from upsertflow import tracing
 from upsertflow.codec import EncryptionCodec, load_keys
 from upsertflow.settings import Codec, get_settings
 
@@ -61,8 +62,10 @@ async def connect(
     """Connect a client with upsertflow's data converter (`data_converter`).
 
     `codec`: the payload encryption settings; by default the process's (`get_settings()`).
+    With tracing on (`upsertflow.tracing`), the client, and a worker built on it, trace.
     """
     config: dict[str, Any] = dict(connect_config(env))
     config.update(overrides)
+    config["interceptors"] = [*tracing.temporal_interceptors(), *config.get("interceptors", ())]
     converter = data_converter(codec if codec is not None else get_settings().codec)
     return await Client.connect(**config, data_converter=converter, runtime=runtime)
