@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
+
+from devstack.procfs import pids, stat_fields
 
 
 def cpu_seconds(roots: Mapping[str, int]) -> dict[str, float]:
     """CPU seconds used so far by each named process with all its descendants."""
-    stats = {pid: stat for pid in _pids() if (stat := _stat(pid)) is not None}
+    stats = {pid: stat for pid in pids() if (stat := _stat(pid)) is not None}
     children: dict[int, list[int]] = {}
     for pid, (ppid, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
@@ -20,16 +21,10 @@ def cpu_seconds(roots: Mapping[str, int]) -> dict[str, float]:
     return {name: tree(pid) for name, pid in roots.items()}
 
 
-def _pids() -> list[int]:
-    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-
-
 def _stat(pid: int) -> tuple[int, float] | None:
     """A process's parent and CPU seconds, its own and its waited-for children's."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = stat_fields(pid)
+    if fields is None:
         return None
-    fields = raw[raw.rindex(")") + 2 :].split()  # from the third field, `state`, on
     utime, stime, cutime, cstime = (int(value) for value in fields[11:15])
     return int(fields[1]), (utime + stime + cutime + cstime) / os.sysconf("SC_CLK_TCK")

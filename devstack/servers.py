@@ -25,6 +25,7 @@ from devstack.processes import (
     log,
     venv_binary,
 )
+from devstack.procfs import command_line
 from upsertflow.naming import SEARCH_ATTRIBUTES
 
 
@@ -120,11 +121,7 @@ def postmaster_pid(data_dir: Path) -> int | None:
     if Path("/proc/self").exists():
         # Linux: a stale file's pid (the server was killed) may belong to another process by
         # now, and a killed server not reaped yet is a zombie, whose command line is empty.
-        try:
-            command = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            return None
-        return pid if str(data_dir).encode() in command else None
+        return pid if str(data_dir).encode() in command_line(pid) else None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

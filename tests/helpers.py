@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 
@@ -13,6 +14,7 @@ from api.tokens import mint
 from upsertflow.settings import Settings
 
 TERMINAL = {"succeeded", "failed", "superseded", "cancelled"}
+T = TypeVar("T")
 
 
 def auth_headers(settings: Settings, *scopes: str, subject: str = "test") -> dict[str, str]:
@@ -32,41 +34,78 @@ def ended_etl(response: httpx.Response, version: int | None) -> dict[str, Any] |
     return None
 
 
+async def eventually(
+    probe: Callable[[], Awaitable[T | None]], what: str, within: float, every: float = 0.05
+) -> T:
+    """Poll `probe` until it returns something other than None; fail after `within` s."""
+    deadline = time.monotonic() + within
+    while (result := await probe()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        await asyncio.sleep(every)
+    return result
+
+
+def eventually_sync(
+    probe: Callable[[], T | None], what: str, within: float, every: float = 0.05
+) -> T:
+    """`eventually` for tests that are not async."""
+    deadline = time.monotonic() + within
+    while (result := probe()) is None:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within} s waiting for {what}")
+        time.sleep(every)
+    return result
+
+
+def _etl_ended(
+    response: httpx.Response | httpx.TransportError, version: int | None, seen: list[object]
+) -> dict[str, Any] | None:
+    """The resource once its ETL ended; else None, keeping what was seen for the failure.
+    An API that does not answer for a while (restarting) is asked again."""
+    if isinstance(response, httpx.TransportError):
+        seen[:] = [response]
+        return None
+    seen[:] = [response.text]
+    return ended_etl(response, version)
+
+
 async def wait_for_etl(
     http: httpx.AsyncClient, resource_id: str, version: int | None = None, within: float = 30.0
 ) -> dict[str, Any]:
     """Poll `GET /resources/{id}` until the ETL of `version` (or of the current version) has
-    ended; return the resource. An API that does not answer for a while (restarting) is
-    asked again."""
-    deadline = time.monotonic() + within
-    last: object = None
-    while time.monotonic() < deadline:
+    ended; return the resource."""
+    seen: list[object] = []
+
+    async def probe() -> dict[str, Any] | None:
         try:
-            response = await http.get(f"/resources/{resource_id}")
+            response: httpx.Response | httpx.TransportError = await http.get(
+                f"/resources/{resource_id}"
+            )
         except httpx.TransportError as error:
-            last = error
-        else:
-            if (body := ended_etl(response, version)) is not None:
-                return body
-            last = response.text
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"the ETL of {resource_id} v{version} did not end; last seen: {last}")
+            response = error
+        return _etl_ended(response, version, seen)
+
+    try:
+        return await eventually(probe, f"the ETL of {resource_id} v{version} to end", within)
+    except AssertionError as timeout:
+        raise AssertionError(f"{timeout}; last seen: {seen}") from None
 
 
 def wait_for_etl_sync(
     http: httpx.Client, resource_id: str, version: int | None = None, within: float = 30.0
 ) -> dict[str, Any]:
     """`wait_for_etl` for tests that are not async."""
-    deadline = time.monotonic() + within
-    last: object = None
-    while time.monotonic() < deadline:
+    seen: list[object] = []
+
+    def probe() -> dict[str, Any] | None:
         try:
-            response = http.get(f"/resources/{resource_id}")
+            response: httpx.Response | httpx.TransportError = http.get(f"/resources/{resource_id}")
         except httpx.TransportError as error:
-            last = error
-        else:
-            if (body := ended_etl(response, version)) is not None:
-                return body
-            last = response.text
-        time.sleep(0.05)
-    raise AssertionError(f"the ETL of {resource_id} v{version} did not end; last seen: {last}")
+            response = error
+        return _etl_ended(response, version, seen)
+
+    try:
+        return eventually_sync(probe, f"the ETL of {resource_id} v{version} to end", within)
+    except AssertionError as timeout:
+        raise AssertionError(f"{timeout}; last seen: {seen}") from None

@@ -8,8 +8,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,6 +16,8 @@ from pydantic import SecretStr
 
 from api.tokens import SIGNING_KEY_FILE, mint, read_signing_key
 from devstack import REPO_ROOT, free_port, postmaster_pid
+from devstack.procfs import command_line, parent, pids
+from tests.helpers import eventually_sync
 from upsertflow.settings import Auth
 
 T = TypeVar("T")
@@ -29,33 +29,6 @@ CHILDREN = {
     "api": "-m\0api",
     "Temporal dev server": "start-dev",
 }
-
-
-def eventually(probe: Callable[[], T | None], what: str, within: float, every: float = 0.1) -> T:
-    """Poll `probe` until it returns something other than None; fail after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        time.sleep(every)
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
-def _ppid(pid: int) -> int | None:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rpartition(")")[2].split()[1])
 
 
 class MakeDev:
@@ -119,7 +92,7 @@ class MakeDev:
             running = "upsertflow is running" in self.log()[self._log_offset :]
             return True if running and self.api_ready() else None
 
-        eventually(ready, "the stack to start", within, 0.2)
+        eventually_sync(ready, "the stack to start", within, 0.2)
         self.api.headers.update(self.auth_headers())
         self.children()
 
@@ -144,17 +117,17 @@ class MakeDev:
         """The supervised children running now, by name (PostgreSQL runs detached)."""
         assert self.process is not None
         found: dict[str, int] = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or _ppid(int(entry.name)) != self.process.pid:
+        for pid in pids():
+            if parent(pid) != self.process.pid:
                 continue
-            pid, command = int(entry.name), _cmdline(int(entry.name))
+            command = command_line(pid)
             for name, marker in CHILDREN.items():
                 if marker.encode() in command:
                     found[name] = pid
                     self.seen[pid] = command
         if (postmaster := postmaster_pid(self.data_dir / "postgres")) is not None:
             found["PostgreSQL"] = postmaster
-            self.seen[postmaster] = _cmdline(postmaster)
+            self.seen[postmaster] = command_line(postmaster)
         return found
 
     def kill(self, name: str) -> int:
@@ -173,7 +146,7 @@ class MakeDev:
             return pid if f"{name} restarted (pid {pid}, restart #" in self.log() else None
 
         try:
-            return eventually(probe, f"{name} to be restarted", within)
+            return eventually_sync(probe, f"{name} to be restarted", within)
         except AssertionError as error:
             raise AssertionError(f"{error}\n{self.log()}") from None
 
@@ -198,7 +171,9 @@ class MakeDev:
 
     def leftovers(self) -> list[int]:
         """Children seen that still run (same pid, same command line)."""
-        return [pid for pid, command in self.seen.items() if command and _cmdline(pid) == command]
+        return [
+            pid for pid, command in self.seen.items() if command and command_line(pid) == command
+        ]
 
     def close(self) -> None:
         """Stop everything it started, whatever state the test left it in."""

@@ -26,8 +26,8 @@ import pytest
 from devstack import postmaster_pid
 from devstack.processes import Child, Processes, describe_exit
 from devstack.supervisor import RestartPolicy, Supervisor
-from tests.helpers import wait_for_etl_sync
-from tests.makedev import CHILDREN, MakeDev, eventually
+from tests.helpers import eventually_sync, wait_for_etl_sync
+from tests.makedev import CHILDREN, MakeDev
 
 #: How long the slowed-down enrichment service takes to answer one batch.
 LATENCY_MS = 3000
@@ -76,7 +76,7 @@ def _all_in_enrich(dev: MakeDev, count: int) -> None:
     def probe() -> bool | None:
         return True if dev.enrichment.get("/_stats").json()["in_flight"] >= count else None
 
-    eventually(probe, f"{count} enrich requests in flight", 30)
+    eventually_sync(probe, f"{count} enrich requests in flight", 30)
 
 
 def _all_succeeded(dev: MakeDev, resource_ids: list[str], within: float = 45.0) -> None:
@@ -130,8 +130,10 @@ def test_make_dev_restarts_killed_children_and_etls_finish(dev: MakeDev) -> None
         _put_async(dev, resource_id)
     api = dev.kill("api")
     dev.restarted("api", api)
-    eventually(lambda: True if dev.api_ready() else None, "the API to answer again", 20)
-    eventually(lambda: True if "api is serving again" in dev.log() else None, "its log line", 5)
+    eventually_sync(lambda: True if dev.api_ready() else None, "the API to answer again", 20)
+    eventually_sync(
+        lambda: True if "api is serving again" in dev.log() else None, "its log line", 5
+    )
     dev.enrichment.delete("/_faults").raise_for_status()
     _all_succeeded(dev, second)
     phases["api"] = time.monotonic() - started - sum(phases.values())
@@ -145,7 +147,7 @@ def test_make_dev_restarts_killed_children_and_etls_finish(dev: MakeDev) -> None
     _all_in_enrich(dev, len(third))
     enrichment = dev.kill("enrichment service")
     dev.restarted("enrichment service", enrichment)
-    eventually(dev.enrichment_ready, "the enrichment service to answer again", 20)
+    eventually_sync(dev.enrichment_ready, "the enrichment service to answer again", 20)
     _all_succeeded(dev, third)
     phases["enrichment"] = time.monotonic() - started - sum(phases.values())
 
@@ -155,7 +157,7 @@ def test_make_dev_restarts_killed_children_and_etls_finish(dev: MakeDev) -> None
     assert dev.process is not None
     os.kill(dev.process.pid, signal.SIGUSR1)  # the status, on demand
     status = f"worker up (pid {running['worker']}, 1 restart); api up (pid {running['api']}, 1"
-    eventually(lambda: True if status in dev.log() else None, "the status line", 5)
+    eventually_sync(lambda: True if status in dev.log() else None, "the status line", 5)
     assert dev.stop() == 0
     log = dev.log()
     stops = [log.index(f"stopped {name}") for name in ("api", "worker", "enrichment service")]
@@ -176,7 +178,7 @@ def test_make_dev_restarts_its_temporal_and_postgres(dev: MakeDev) -> None:
     postgres = dev.kill("PostgreSQL")
     dev.restarted("PostgreSQL", postgres, within=30)
     assert f"PostgreSQL (pid {postgres}) is no longer running" in dev.log()
-    eventually(lambda: True if dev.api_ready() else None, "the API to be ready again", 30)
+    eventually_sync(lambda: True if dev.api_ready() else None, "the API to be ready again", 30)
 
     # The data outlived both: an upsert after the restarts is processed end to end.
     resource_ids = _new_ids("s", 1)
@@ -229,7 +231,9 @@ def test_a_crash_looping_child_is_retried_with_growing_waits_and_the_rest_runs_o
         runner = threading.Thread(target=supervisor.run)
         runner.start()
         try:
-            eventually(lambda: True if crashing.restarts >= 5 else None, "5 restarts", 10, 0.02)
+            eventually_sync(
+                lambda: True if crashing.restarts >= 5 else None, "5 restarts", 10, 0.02
+            )
         finally:
             supervisor.stopping.set()
             runner.join(5)
@@ -262,7 +266,7 @@ def test_stop_during_a_backoff_is_prompt_and_stops_the_others_in_reverse_order(
             processes.start_child(child)
         runner = threading.Thread(target=supervisor.run)
         runner.start()
-        eventually(lambda: dying.restart_at, "the crash to be noticed", 5, 0.02)
+        eventually_sync(lambda: dying.restart_at, "the crash to be noticed", 5, 0.02)
         assert "dying down, restart in" in supervisor.status_line()
         asked = time.monotonic()
         supervisor.stopping.set()

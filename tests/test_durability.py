@@ -17,9 +17,8 @@ value is unique to its test, so the counters of one test never mix with another'
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -31,7 +30,7 @@ from sqlalchemy.pool import NullPool
 from temporalio.client import Client
 
 from devstack import Stack, StackConfig
-from tests.helpers import wait_for_etl
+from tests.helpers import eventually, wait_for_etl
 from upsertflow import temporal
 from upsertflow.models import Resource, ResourceContext, ResourceVersion, StepOutput
 
@@ -179,20 +178,6 @@ class Contacts:
 
 def contacts(count: int) -> Contacts:
     return Contacts(f"d-{uuid.uuid4().hex[:10]}", count)
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[T | None]], what: str, within: float, interval: float = 0.05
-) -> T:
-    """Poll `probe` until it returns something other than None; fail after `within` s."""
-    deadline = time.monotonic() + within
-    while True:
-        result = await probe()
-        if result is not None:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within} s waiting for {what}")
-        await asyncio.sleep(interval)
 
 
 async def upsert(api: httpx.AsyncClient, resource: Contacts) -> dict[str, Any]:

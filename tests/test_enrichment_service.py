@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from enrichment_service.__main__ import parse_args
 from enrichment_service.app import FaultConfig, create_app, release_hangs
+from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEM = "application/problem+json"
@@ -44,12 +45,13 @@ async def enrich(client: httpx.AsyncClient, *items: dict[str, Any], **kw: Any) -
     return await client.post("/v1/enrich", json={"items": list(items)}, **kw)
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
-    """Wait until `check()` is true, polling every 20 ms."""
-    deadline = time.monotonic() + within
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+async def until(check: Callable[[], Awaitable[bool]], within: float = 5.0) -> None:
+    """Wait until `check()` is true (`tests.helpers.eventually`, every 20 ms)."""
+
+    async def probe() -> bool | None:
+        return True if await check() else None
+
+    await eventually(probe, "the condition", within, every=0.02)
 
 
 # --- answers ------------------------------------------------------------------------------------
@@ -266,7 +268,7 @@ async def test_hang_ends_when_the_client_gives_up(client: httpx.AsyncClient) -> 
 async def test_hang_is_released_at_shutdown(app: FastAPI, client: httpx.AsyncClient) -> None:
     await client.put("/_faults", json={"hang": True})
     hanging = asyncio.create_task(enrich(client, item("email", "a@b.c")))
-    await eventually(async_stat(client, "in_flight", 1))
+    await until(async_stat(client, "in_flight", 1))
     assert not hanging.done()
 
     release_hangs(app)
@@ -388,7 +390,7 @@ async def test_real_server_over_http(tmp_path: Path) -> None:
                 except httpx.TransportError:
                     return False
 
-            await eventually(healthy, within=10)
+            await until(healthy, within=10)
 
             response = await enrich(client, item("country_code", "de", "country"))
             assert response.status_code == 200
@@ -399,13 +401,13 @@ async def test_real_server_over_http(tmp_path: Path) -> None:
                     client, item("email", "a@b.c"), headers={"X-Fault-Hang": "1"}, timeout=0.5
                 )
             # The server notices that the client went away, and stops hanging.
-            await eventually(async_stat(client, "in_flight", 0))
+            await until(async_stat(client, "in_flight", 0))
 
             # A hanging request does not hold the shutdown back: it is answered with a 503.
             hanging = asyncio.create_task(
                 enrich(client, item("email", "a@b.c"), headers={"X-Fault-Hang": "1"})
             )
-            await eventually(async_stat(client, "in_flight", 1))
+            await until(async_stat(client, "in_flight", 1))
             proc.terminate()
             assert (await asyncio.wait_for(hanging, 5)).status_code == 503
             returncode = await asyncio.wait_for(proc.wait(), 5)
