@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import Depends
+from google.protobuf.message import Message
 from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from sqlalchemy import text
@@ -31,6 +32,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.ext.asyncio import create_async_engine as sqlalchemy_async_engine
 from temporalio import activity
+from temporalio.api.common.v1 import Payload
 from temporalio.client import Client
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
@@ -130,9 +132,35 @@ def _assert_one_line_per_record(captured: Captured) -> None:
 
 
 async def _history_bytes(client: Client, workflow_id: str) -> bytes:
-    """The workflow's whole history as serialized protobuf: payloads and failures verbatim."""
+    """The workflow's whole history as serialized protobuf, with every payload also decoded
+    (payloads and failure messages are encrypted: this is what someone with the keys reads,
+    so what must hold no values)."""
     history = await client.get_workflow_handle(workflow_id).fetch_history()
-    return b"".join(event.SerializeToString() for event in history.events)
+    payloads = [payload for event in history.events for payload in _payloads(event)]
+    codec = client.data_converter.payload_codec
+    decoded = await codec.decode(payloads) if codec is not None else payloads
+    return b"".join(
+        [*(event.SerializeToString() for event in history.events), *(p.data for p in decoded)]
+    )
+
+
+def _payloads(message: Message) -> Iterator[Payload]:
+    """Every `Payload` in a protobuf message, at any depth."""
+    if isinstance(message, Payload):
+        yield message
+        return
+    for field, value in message.ListFields():
+        if field.type != field.TYPE_MESSAGE:
+            continue
+        if isinstance(value, Message):
+            values = [value]
+        elif field.message_type is not None and field.message_type.GetOptions().map_entry:
+            values = value.values()
+        else:  # repeated
+            values = value
+        for item in values:
+            if isinstance(item, Message):
+                yield from _payloads(item)
 
 
 # --- (a) failed activity attempts: one bounded line each, no values --------------------
