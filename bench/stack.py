@@ -29,8 +29,10 @@ class Stack(devstack.Stack):
                 temporal_dynamic_config=tuple(dynamic_config),
                 env={
                     "UPSERTFLOW_TASK_QUEUE": self.task_queue,
-                    # One caller sends every write here, 50 at once: the limiter runs but,
-                    # at this size, never refuses (the default allows 100 at once, 50/s).
+                    # One caller sends every write here, up to 100 at once and about
+                    # 13,000 in a default run (10,000 of them the backlog, as fast as the
+                    # API takes them): the limiter runs but never refuses (the default
+                    # allows 100 at once, 50/s). A refusal would be a 429: an error.
                     "UPSERTFLOW_RATE_LIMIT__WRITES_PER_SECOND": "100000",
                     "UPSERTFLOW_RATE_LIMIT__BURST": "100000",
                 },

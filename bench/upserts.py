@@ -1,15 +1,20 @@
 """upsertflow against a bare-Temporal baseline measured in the same run, on the same servers.
 
-    .venv/bin/python -m bench.upserts            # about 1.5–2 minutes on 2 cores
+    .venv/bin/python -m bench.upserts            # every section (the backlog is the longest)
     .venv/bin/python -m bench.upserts --help     # the sizes
+    .venv/bin/python -m bench.upserts --only hot,backlog --backlog 500 --hot-upserts 200
 
 Starts the stack of `make dev` (embedded PostgreSQL, the Temporal dev server on
 SQLite in WAL mode, the enrichment service, one worker, the API) in a temporary
 directory on free ports, and an in-process worker for the baseline on a task
 queue of its own. The baseline, `bench.baseline.BareUpsert`, has the shape of
 `UpsertWorkflow` with nothing in it: update-with-start answered after the first
-of 5 no-op activities. Prints a markdown table of ratios and writes it to
-bench/RESULTS.md; stops everything at the end, also on Ctrl-C or a failure.
+of 5 no-op activities. Then two sections without a baseline: hot ids
+(`bench.hot`: many synchronous upserts racing on few ids, checked exactly) and a
+backlog drain (`bench.backlog`: upserts accepted with `Prefer: respond-async` as
+fast as the API takes them, then drained). Prints a markdown table of ratios and
+the sections and writes them to bench/RESULTS.md; stops everything at the end,
+also on Ctrl-C or a failure.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import platform
 import signal
@@ -36,29 +40,27 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 import httpx
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WithStartWorkflowOperation
 from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.worker import Worker
 
+from bench.backlog import drain
 from bench.baseline import BareUpsert, noop
+from bench.common import Row, body, count_etls, pct, peak_rss_kib, reset_peak_rss, table
+from bench.hot import hot_ids
 from bench.stack import REPO_ROOT, Stack
 from devstack import venv_binary
 from upsertflow import temporal
 from upsertflow.settings import Limits
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
-COUNTRIES = ("FR", "DE", "US", "JP", "BR")
-#: Long enough that a 5 MiB info stays under the API's limit of values (`MAX_RECORDS`).
-DESCRIPTION = "A widget of the usual kind, " * 12
 #: Seconds to wait for any workflow, or for all of those of the throughput metric.
 TIMEOUT = 600
 
 #: Calls time one request and return (seconds, workflow id).
 Call = Callable[[int], Awaitable[tuple[float, str]]]
-Row = tuple[str, ...]
 
 
 class Samples(NamedTuple):
@@ -67,13 +69,42 @@ class Samples(NamedTuple):
     ids: list[str]  # workflow ids
 
 
+#: The sections of the run, in order.
+SECTIONS = ("latency", "throughput", "large", "largest", "hot", "backlog")
+
+
+def sections(value: str) -> tuple[str, ...]:
+    """`--only`: section names, comma-separated, kept in the run's order."""
+    names = {name.strip() for name in value.split(",") if name.strip()}
+    unknown = names - set(SECTIONS)
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"choose among {','.join(SECTIONS)}")
+    return tuple(name for name in SECTIONS if name in names)
+
+
+def runs(args: argparse.Namespace, section: str) -> bool:
+    """Whether the run measures `section` (chosen, and not sized 0)."""
+    sizes = {
+        "large": args.large_mib > 0,
+        "largest": args.largest,
+        "hot": args.hot_upserts > 0,
+        "backlog": args.backlog > 0,
+    }
+    return section in args.only and sizes.get(section, True)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.upserts", description=__doc__)
     add = parser.add_argument
     add("--n", type=int, default=50, help="requests one at a time, per latency metric")
     add("--warmup", type=int, default=5, help="untimed requests before each latency metric")
     add("--m", type=int, default=200, help="workflows or upserts in the throughput metric")
-    add("--concurrency", type=int, default=50, help="requests in flight in the throughput metric")
+    add(
+        "--concurrency",
+        type=int,
+        default=50,
+        help="requests in flight in the throughput and the hot-id metrics",
+    )
     add("--activities", type=int, default=5, help="no-op activities of the baseline workflow")
     add("--info-kib", type=int, default=1, help="size of the info of every small upsert")
     add("--large-mib", type=float, default=5, help="size of the large info (0: skip)")
@@ -83,6 +114,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="measure the largest input the API accepts (worker memory, GET latency)",
+    )
+    add(
+        "--hot-upserts",
+        type=int,
+        default=2000,
+        help="synchronous upserts over --hot-ids ids, checked exactly (0: skip)",
+    )
+    add("--hot-ids", type=int, default=50, help="ids of the hot-id metric")
+    add(
+        "--backlog",
+        type=int,
+        default=10_000,
+        help="upserts sent with `Prefer: respond-async`, then drained (0: skip)",
+    )
+    add("--backlog-concurrency", type=int, default=100, help="requests in flight sending it")
+    add(
+        "--only",
+        type=sections,
+        default=SECTIONS,
+        metavar="SECTION,...",
+        help=f"run only these sections (default: all of {','.join(SECTIONS)})",
     )
     add(
         "--dev-server-config",
@@ -101,43 +153,19 @@ def command(args: argparse.Namespace) -> str:
         f"--n {args.n} --warmup {args.warmup} --m {args.m} --concurrency {args.concurrency} "
         f"--activities {args.activities} --info-kib {args.info_kib} "
         f"--large-mib {args.large_mib:g} --large-runs {args.large_runs}"
+        f"{'' if args.largest else ' --no-largest'} "
+        f"--hot-upserts {args.hot_upserts} --hot-ids {args.hot_ids} "
+        f"--backlog {args.backlog} --backlog-concurrency {args.backlog_concurrency}"
     )
+    if args.only != SECTIONS:
+        options += f" --only {','.join(args.only)}"
     for value in args.dev_server_config:
         options += f" --dev-server-config {value}"
     return f"{python} -m bench.upserts {options}"
 
 
-def make_info(size: int, seed: str) -> dict[str, Any]:
-    """A messy `info` of about `size` bytes of JSON: items with values to coerce and enrich."""
-    items: dict[str, Any] = {}
-    total = 0
-    while total < size:
-        index = len(items)
-        item = {
-            "Name": f" Widget {seed}-{index} ",
-            "Price": f"{index % 1000}.50",
-            "Country": COUNTRIES[index % len(COUNTRIES)],
-            "Email": f"buyer{index}@example.com",
-            "Active": "yes" if index % 2 else "no",
-            "Created": "2024-01-02",
-            "Notes": "N/A",
-            "Description": DESCRIPTION,
-        }
-        items[f"Item {index}"] = item
-        total += len(json.dumps(item)) + 12
-    return {"Source": seed, "Items": items}
-
-
-def body(seed: str, info_bytes: int) -> bytes:
-    return json.dumps({"attributes": {"name": seed}, "info": make_info(info_bytes, seed)}).encode()
-
-
-def pct(values: list[float], q: int) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
-
-
 class Bench:
-    """The calls, the ways of timing them, and the three measurements."""
+    """The calls, the ways of timing them, and the measurements with a baseline."""
 
     def __init__(
         self,
@@ -370,20 +398,11 @@ class Bench:
 
     def etls_succeeded(self, prefix: str) -> Callable[[list[str]], Awaitable[None]]:
         """Poll PostgreSQL until every ETL of the resources under `prefix` succeeded."""
-        query = text(
-            "select count(*) filter (where etl_status = 'succeeded'),"
-            " count(*) filter (where etl_status in ('failed', 'cancelled', 'superseded'))"
-            " from resource_versions where resource_id like :pattern"
-        )
 
         async def wait(ids: list[str]) -> None:
             async with asyncio.timeout(TIMEOUT):
                 while True:
-                    async with self.db.connect() as connection:
-                        result = await connection.execute(
-                            query, {"pattern": f"{prefix}-{self.run}-%"}
-                        )
-                        succeeded, ended_otherwise = result.one()
+                    succeeded, ended_otherwise = await count_etls(self.db, f"{prefix}-{self.run}-%")
                     if ended_otherwise:
                         raise RuntimeError(f"{ended_otherwise} ETLs did not succeed")
                     if succeeded >= len(ids):
@@ -447,7 +466,9 @@ async def breakdown(client: Client, ids: list[str]) -> dict[str, float]:
 class Results(NamedTuple):
     metrics: list[Row]  # metric, baseline, upsertflow, ratio
     where: list[Row]  # segment, then one column per kind of workflow
+    where_columns: list[str]  # the kinds of workflow of `where`
     cpu: list[Row]  # process, baseline, upsertflow
+    sections: list[str]  # markdown: the sections of their own (hot ids, backlog)
 
 
 async def measure(stack: Stack, args: argparse.Namespace) -> Results:
@@ -455,25 +476,55 @@ async def measure(stack: Stack, args: argparse.Namespace) -> Results:
         env={"TEMPORAL_ADDRESS": stack.temporal_address}, codec=stack.codec
     )
     db = create_async_engine(stack.database_url)
-    limits = httpx.Limits(max_connections=args.concurrency)
+    # Idle connections expire before uvicorn's keep-alive (5 s) closes them: a request sent
+    # on one as the server closes it would fail (ECONNRESET) for nothing the API did.
+    limits = httpx.Limits(
+        max_connections=max(args.concurrency, args.backlog_concurrency), keepalive_expiry=2
+    )
+    chosen = [section for section in SECTIONS if runs(args, section)]
+    step = iter(range(1, len(chosen) + 1))
+
+    def say(what: str) -> None:
+        print(f"{next(step)}/{len(chosen)} {what}", flush=True)
+
+    metrics: list[Row] = []
+    cpu: list[Row] = []
+    sections: list[str] = []
+    ids: dict[str, list[str]] = {}  # workflows to break down, by column
     try:
         async with httpx.AsyncClient(
             base_url=stack.api_url, timeout=120, limits=limits, headers=stack.auth_headers()
         ) as http:
             bench = Bench(args, stack, client, http, db)
-            print(f"1/4 latency, one at a time, n={args.n}", flush=True)
-            latency, ids = await bench.latency()
-            print(f"2/4 throughput, m={args.m}, {args.concurrency} in flight", flush=True)
-            throughput, cpu = await bench.throughput()
-            large: list[Row] = []
-            if args.large_mib > 0:
-                print(f"3/4 large info, {args.large_mib:g} MiB, runs={args.large_runs}", flush=True)
-                large, large_ids = await bench.large()
-                ids.append(large_ids)
-            if args.largest:
-                print("4/4 the largest accepted input", flush=True)
-                large += await bench.largest()
-            columns = [await breakdown(client, some) for some in ids]
+            if "latency" in chosen:
+                say(f"latency, one at a time, n={args.n}")
+                rows, (bare_ids, put_ids) = await bench.latency()
+                metrics += rows
+                ids["baseline"] = bare_ids
+                ids[f"upsertflow {args.info_kib} KiB"] = put_ids
+            if "throughput" in chosen:
+                say(f"throughput, m={args.m}, {args.concurrency} in flight")
+                rows, cpu = await bench.throughput()
+                metrics += rows
+            if "large" in chosen:
+                say(f"large info, {args.large_mib:g} MiB, runs={args.large_runs}")
+                rows, ids[f"upsertflow {args.large_mib:g} MiB"] = await bench.large()
+                metrics += rows
+            if "largest" in chosen:
+                say("the largest accepted input")
+                metrics += await bench.largest()
+            # Before the backlog: its 10,000 workflows make the dev server slower to read.
+            columns = [await breakdown(client, some) for some in ids.values()]
+            if "hot" in chosen:
+                say(f"hot ids, {args.hot_upserts} upserts over {args.hot_ids} ids")
+                section = await hot_ids(bench)
+                metrics += section.rows
+                sections.append(section.text)
+            if "backlog" in chosen:
+                say(f"backlog of {args.backlog}, {args.backlog_concurrency} in flight")
+                section = await drain(bench)
+                metrics += section.rows
+                sections.append(section.text)
     finally:
         await db.dispose()
     keys = list(dict.fromkeys(key for column in columns for key in column))
@@ -481,7 +532,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> Results:
         (key, *(f"{column[key] * 1000:.0f}" if key in column else "—" for column in columns))
         for key in keys
     ]
-    return Results([*latency, *throughput, *large], where, cpu)
+    return Results(metrics, where, list(ids), cpu, sections)
 
 
 def latency_rows(metric: str, baseline: list[float], upsertflow: list[float]) -> list[Row]:
@@ -490,19 +541,6 @@ def latency_rows(metric: str, baseline: list[float], upsertflow: list[float]) ->
         b, u = pct(baseline, q), pct(upsertflow, q)
         rows.append((f"{metric}, p{q} (ms)", f"{b * 1000:.0f}", f"{u * 1000:.0f}", f"{u / b:.2f}"))
     return rows
-
-
-def reset_peak_rss(pid: int) -> None:
-    """Start counting the process's peak resident memory afresh (Linux `clear_refs`)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
-
-
-def peak_rss_kib(pid: int) -> int:
-    """The process's peak resident memory since start (or its last `clear_refs`), in KiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-    raise LookupError(f"no VmHWM for {pid}")
 
 
 def ms(samples: list[float]) -> str:
@@ -545,53 +583,66 @@ def cpu_busy(seconds: float = 1.0) -> float:
     return 1 - (idle_after - idle) / max(total_after - total, 1)
 
 
-def table(header: tuple[str, ...], rows: list[Row]) -> str:
-    lines = [f"| {' | '.join(header)} |", f"|{'---|' * len(header)}"]
-    lines += [f"| {' | '.join(row)} |" for row in rows]
-    return "\n".join(lines)
-
-
 def report(args: argparse.Namespace, results: Results, seconds: float, busy: float) -> str:
-    columns: tuple[str, ...] = ("segment", "baseline", f"upsertflow {args.info_kib} KiB")
-    if len(results.where[0]) > 3:
-        columns += (f"upsertflow {args.large_mib:g} MiB",)
     a, info = f"{args.activities} no-op activities", f"{args.info_kib} KiB `info`"
-    legend = [
-        f"- **answer**: `execute_update_with_start_workflow` whose update waits for the first "
-        f"of {a} / `PUT /resources/{{id}}` → 201 with a {info}.",
-        "- **start only**: `start_workflow` / the same PUT with `Prefer: respond-async` → 202.",
-        f"- **end to end**: until the workflow completed ({a} / persist → normalize → enrich → "
-        "load → record_outcome), waited for before the next request.",
-        f"- **throughput**: {args.m} requests, {args.concurrency} in flight, until every "
-        "workflow completed (baseline: its result; upsertflow: `etl_status = 'succeeded'` "
-        "counted in PostgreSQL). Ratio: upsertflow / baseline rate.",
-    ]
-    if args.large_mib > 0:
+    legend: list[str] = []
+    if runs(args, "latency"):
+        legend += [
+            f"- **answer**: `execute_update_with_start_workflow` whose update waits for the "
+            f"first of {a} / `PUT /resources/{{id}}` → 201 with a {info}.",
+            "- **start only**: `start_workflow` / the same PUT with `Prefer: respond-async` → 202.",
+            f"- **end to end**: until the workflow completed ({a} / persist → normalize → "
+            "enrich → load → record_outcome), waited for before the next request.",
+        ]
+    if runs(args, "throughput"):
+        legend.append(
+            f"- **throughput**: {args.m} requests, {args.concurrency} in flight, until every "
+            "workflow completed (baseline: its result; upsertflow: `etl_status = 'succeeded'` "
+            "counted in PostgreSQL). Ratio: upsertflow / baseline rate."
+        )
+    if runs(args, "large"):
         legend.append(
             f"- **large info**: upsertflow with a {info} / a {args.large_mib:g} MiB `info`, "
             f"median of {args.large_runs} run(s) each, one at a time."
         )
-    return "\n\n".join(
-        [
-            f"# upsertflow benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
-            f"Machine: {machine()}; CPUs {busy:.0%} busy in the second before the run (it "
-            "should be near 0: anything else running slows the two columns unevenly).",
-            f"Command: `{command(args)}` (took {seconds:.0f} s).",
-            "Baseline: `bench.baseline.BareUpsert` on the same dev server, run by an in-process "
-            "worker on a task queue of its own. upsertflow: the stack of `make dev` over real "
-            "HTTP. Ratio: upsertflow / baseline.",
-            table(("metric", "baseline", "upsertflow", "ratio"), results.metrics),
-            "\n".join(legend),
+    if runs(args, "hot"):
+        legend.append(
+            f"- **hot ids**: {args.hot_upserts:,} synchronous PUTs over {args.hot_ids} ids "
+            f"(shuffled, {args.concurrency} in flight), then every id checked exactly: see "
+            "its section."
+        )
+    if runs(args, "backlog"):
+        legend.append(
+            f"- **backlog**: {args.backlog:,} PUTs with `Prefer: respond-async` "
+            f"({args.backlog_concurrency} in flight, a {info} each), then drained; the work "
+            "done per quarter of the drain, memory, CPU: see its section."
+        )
+    parts = [
+        f"# upsertflow benchmark, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC",
+        f"Machine: {machine()}; CPUs {busy:.0%} busy in the second before the run (it "
+        "should be near 0: anything else running slows the two columns unevenly).",
+        f"Command: `{command(args)}` (took {seconds:.0f} s).",
+        "Baseline: `bench.baseline.BareUpsert` on the same dev server, run by an in-process "
+        "worker on a task queue of its own. upsertflow: the stack of `make dev` over real "
+        "HTTP. Ratio: upsertflow / baseline.",
+        table(("metric", "baseline", "upsertflow", "ratio"), results.metrics),
+        "\n".join(legend),
+    ]
+    if results.where:
+        parts += [
             "Where the time goes: median per segment (ms) from the workflow histories "
             "of the one-at-a-time runs (end to end, large info). Activities 1–5: "
             "persist, normalize, enrich, load, record_outcome (baseline: no-ops); "
             "queued: scheduled → started; ran: started → completed.",
-            table(columns, results.where),
+            table(("segment", *results.where_columns), results.where),
+        ]
+    if results.cpu:
+        parts += [
             f"CPU per workflow in the throughput metric (ms), by process: where the "
             f"{args.concurrency}-in-flight time goes.",
             table(("process", "baseline", "upsertflow"), results.cpu),
         ]
-    )
+    return "\n\n".join(parts + results.sections)
 
 
 async def supervise(stack: Stack, work: Coroutine[Any, Any, Results]) -> Results:
