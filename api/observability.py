@@ -69,6 +69,12 @@ def _bounded_path(path: str) -> str:
     return path if len(path) <= _MAX_LOGGED_PATH else path[:_MAX_LOGGED_PATH] + "…"
 
 
+def route_template(scope: Scope) -> str:
+    """The template of the route that served the request (`/resources/{resource_id}`), never
+    the path itself (it holds ids: unbounded labels); `unmatched` for no route."""
+    return str(getattr(scope.get("route"), "path", None) or "unmatched")
+
+
 class ObservabilityMiddleware:
     """Count and time requests by route; give each one a correlation id."""
 
@@ -103,8 +109,7 @@ class ObservabilityMiddleware:
                 await self.app(scope, receive, send_with_id)
             finally:
                 elapsed = time.perf_counter() - started
-                route = scope.get("route")
-                template = getattr(route, "path", "unmatched")
+                template = route_template(scope)
                 method = scope["method"]
                 REQUESTS.labels(method, template, str(status)).inc()
                 LATENCY.labels(method, template).observe(elapsed)

@@ -26,7 +26,7 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.observability import correlation_id
+from api.observability import correlation_id, route_template
 from upsertflow.logs import describe_exception, exception_chain
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -147,14 +147,10 @@ def _raised_by_database_code(error: BaseException) -> bool:
     return False
 
 
-def _route(scope: Scope) -> str:
-    return str(getattr(scope.get("route"), "path", None) or "unmatched")
-
-
 def unexpected_error(scope: Scope, error: Exception) -> JSONResponse:
     """The problem answering an exception nothing else handled; logged as one line."""
     cid = correlation_id.get() or "-"
-    method, route = scope.get("method", "-"), _route(scope)
+    method, route = scope.get("method", "-"), route_template(scope)
     error_type, message = describe_exception(error)
     fields = {"error_type": error_type, "error": message, "route": route}
     # A traceback (plain, see `upsertflow.logs`) only when debugging.
