@@ -19,7 +19,7 @@ from temporalio.client import Client
 from temporalio.worker import Worker
 
 from api.main import create_app
-from devstack import REPO_ROOT, EmbeddedPostgres, TemporalDevServer, free_port, migrate
+from devstack import EmbeddedPostgres, TemporalDevServer, free_port, migrate
 from devstack.stack import enrichment_service
 from tests.helpers import auth_headers
 from upsertflow import temporal
@@ -33,9 +33,6 @@ SIGNING_KEY = secrets.token_urlsafe(48)
 #: Writes per caller far above what any test sends at once (200 concurrent PUTs):
 #: tests/test_rate_limit.py tests the limiter with small rates.
 UNTHROTTLED = RateLimit(writes_per_second=10_000, burst=10_000)
-
-# Some test modules import these from here; they are the dev stack's.
-__all__ = ["REPO_ROOT", "free_port"]
 
 # The suite runs on its own servers, never on whatever the shell points at, and traces
 # into no collector of the shell's (tests/test_tracing.py traces into memory).

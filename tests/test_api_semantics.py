@@ -446,7 +446,7 @@ async def unreachable_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient
     """The API pointed at a Temporal address where nothing listens."""
     import os
 
-    from tests.conftest import free_port
+    from devstack import free_port
 
     address = os.environ["TEMPORAL_ADDRESS"]
     os.environ["TEMPORAL_ADDRESS"] = f"127.0.0.1:{free_port()}"

@@ -44,7 +44,7 @@ from temporalio.worker import Worker
 from api.main import create_app
 from api.security import AuthNotConfigured, Scope
 from api.tokens import SIGNING_KEY_FILE, mint
-from tests.conftest import REPO_ROOT, free_port
+from devstack import REPO_ROOT, free_port
 from tests.helpers import auth_headers
 from upsertflow.models import (
     Blob,

@@ -53,8 +53,8 @@ from activities.enrich import (
 )
 from activities.interceptor import AttemptInterceptor
 from api.main import create_app
-from devstack import stop_process, wait_for_port
-from tests.conftest import REPO_ROOT, SIGNING_KEY, free_port
+from devstack import REPO_ROOT, free_port, stop_process, wait_for_port
+from tests.conftest import SIGNING_KEY
 from tests.helpers import auth_headers, wait_for_etl
 from upsertflow.db import create_engine
 from upsertflow.logs import (

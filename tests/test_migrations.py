@@ -13,7 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tests.conftest import REPO_ROOT
+from devstack import REPO_ROOT
 
 
 def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -17,7 +17,7 @@ from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
 from temporalio.worker import Worker
 
 from api.observability import serve_metrics
-from tests.conftest import free_port
+from devstack import free_port
 from tests.helpers import wait_for_etl
 from upsertflow import temporal
 from upsertflow.logs import build_formatter

@@ -29,7 +29,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from temporalio.worker import Worker
 
-from tests.conftest import free_port
+from devstack import free_port
 from tests.helpers import wait_for_etl
 from upsertflow import temporal, tracing
 from upsertflow.db import create_engine, create_sessionmaker
