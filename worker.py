@@ -1,4 +1,5 @@
-"""The Temporal worker: runs `UpsertWorkflow` and its activities.
+"""The Temporal worker: runs `UpsertWorkflow` and its activities, and reprocessing jobs
+(`ReprocessWorkflow`, with their re-runs) on a task queue of their own.
 
 Run any number of these, on any number of machines: `upsertflow-worker`.
 SIGTERM or SIGINT stops polling and lets running activities finish within
@@ -23,16 +24,19 @@ from temporalio.worker import Interceptor, Worker
 
 from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
+from activities.reprocess import ReprocessActivities
 from activities.resources import ResourceActivities
 from activities.webhooks import WebhookActivities
 from upsertflow import temporal, tracing, versioning
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
+from upsertflow.naming import reprocess_task_queue
 from upsertflow.settings import Settings, get_settings
 from upsertflow.store.steps import StepStore
 from workflows.notify import NotifyWorkflow
 from workflows.pipeline import ACTIVITIES
+from workflows.reprocess import ReprocessWorkflow
 from workflows.upsert import UpsertWorkflow
 
 log = logging.getLogger("upsertflow.worker")
@@ -69,6 +73,28 @@ def build_worker(
         graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
         deployment_config=versioning.deployment_config(version) if version else None,
     )
+
+
+def build_reprocess_worker(
+    live: Worker, settings: Settings, sessions: async_sessionmaker[AsyncSession]
+) -> Worker:
+    """Return a worker for reprocessing jobs, on their own task queue, beside `live`.
+
+    It runs what `live` runs (the re-runs are `UpsertWorkflow`s; same interceptors,
+    deployment version, shutdown) plus the jobs and their activities, with slots of its
+    own (`settings.reprocess`): however large a job, live upserts, on `live`'s task queue,
+    never wait for one.
+    """
+    reprocess = ReprocessActivities(sessions)
+    config = live.config()
+    slots = settings.reprocess
+    config["task_queue"] = reprocess_task_queue(settings.task_queue)
+    config["workflows"] = [ReprocessWorkflow, *config["workflows"]]
+    config["activities"] = [*config["activities"], reprocess.count, reprocess.page]
+    config["max_concurrent_activities"] = slots.max_concurrent_activities
+    config["max_concurrent_workflow_tasks"] = slots.max_concurrent_workflow_tasks
+    config["max_concurrent_local_activities"] = slots.max_concurrent_local_activities
+    return Worker(**config)
 
 
 def bind_activities(
@@ -114,6 +140,7 @@ async def run(settings: Settings) -> None:
     sessions = create_sessionmaker(engine)
     version = versioning.deployment_version(settings.worker)
     worker = build_worker(client, settings, sessions, http, version=version)
+    reprocess_worker = build_reprocess_worker(worker, settings, sessions)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -121,7 +148,7 @@ async def run(settings: Settings) -> None:
     janitor = asyncio.create_task(run_periodically(sessions, client, settings.janitor))
     first_version: asyncio.Task[bool] | None = None
     try:
-        async with worker:
+        async with worker, reprocess_worker:
             log.info(
                 "worker started", extra={"task_queue": settings.task_queue, **_described(version)}
             )

@@ -12,7 +12,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from api import docs, problems
 from api.observability import ObservabilityMiddleware
 from api.ratelimit import write_buckets
-from api.routes import codec, context, etl, health, resources
+from api.routes import codec, context, etl, health, reprocess, resources
 from api.security import TokenVerifier, check_codec_access, warn_if_disabled
 from upsertflow import temporal, tracing
 from upsertflow.db import create_engine, create_sessionmaker
@@ -85,6 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(etl.router)
     app.include_router(context.router)
     app.include_router(resources.router)
+    app.include_router(reprocess.router)
     app.include_router(health.router)
     app.include_router(codec.router)
     return app

@@ -8,6 +8,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from upsertflow.contracts import EtlStatus, StepStatus
+from upsertflow.jobs import DEFAULT_CONCURRENCY, MAX_CONCURRENCY, ReprocessFilter, ReprocessProgress
 
 
 class ResourceUpsert(BaseModel):
@@ -135,3 +136,43 @@ class ContextPagePublic(BaseModel):
     next_cursor: str | None = Field(
         description="Pass as `cursor` for the next page; null on the last page."
     )
+
+
+class ReprocessRequest(ReprocessFilter):
+    """The body of `POST /etl/reprocess`: a filter (`{}`: every resource), and a concurrency."""
+
+    concurrency: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_CONCURRENCY,
+        description=f"ETL re-runs in flight at once (default {DEFAULT_CONCURRENCY}); not part "
+        "of the job's identity: asking again with another concurrency joins the running job.",
+    )
+
+    def filter(self) -> ReprocessFilter:
+        return ReprocessFilter.model_validate(self.model_dump(exclude={"concurrency"}))
+
+
+class ReprocessAccepted(BaseModel):
+    """`202`: the job runs (or was running already: the same filter is the same job)."""
+
+    job_id: str
+    run_id: str | None
+    filter: ReprocessFilter
+    ui_url: str
+
+
+class ReprocessJobPublic(BaseModel):
+    """A reprocessing job: its Temporal status and its progress."""
+
+    job_id: str
+    status: str = Field(
+        description="The workflow's status in Temporal: running, completed, canceled, "
+        "terminated, failed, timed_out."
+    )
+    live: bool = Field(description="True when read from the running job (its `progress` query).")
+    progress: ReprocessProgress | None = Field(
+        description="done, failed, skipped, in flight, remaining (an estimate), cursor and state; "
+        "null when the job could not be asked (no worker answered)."
+    )
+    ui_url: str

@@ -706,6 +706,11 @@ async def test_openapi_documents_the_bearer_scheme_and_every_operations_scopes(
         ("PUT", "/resources/{resource_id}"): (Scope.WRITE,),
         ("DELETE", "/resources/{resource_id}"): (Scope.OPERATE,),
         ("POST", "/resources/{resource_id}/etl/retry"): (Scope.OPERATE,),
+        ("POST", "/etl/reprocess"): (Scope.OPERATE,),
+        ("GET", "/etl/reprocess/{job_id}"): (Scope.READ,),
+        ("POST", "/etl/reprocess/{job_id}/pause"): (Scope.OPERATE,),
+        ("POST", "/etl/reprocess/{job_id}/resume"): (Scope.OPERATE,),
+        ("DELETE", "/etl/reprocess/{job_id}"): (Scope.OPERATE,),
     }
     found = {(op.method, op.path): op.scopes for op in operations(hmac_api.app)}
     assert {key: found.get(key) for key in expected} == expected

@@ -6,7 +6,10 @@ Workflow ids say what they are about, and hold no resource data beyond the id
 - `upsert:{resource_id}:{request_id}` — the workflow that applies one upsert
   request (the request id is a UUID in hex);
 - `etl-retry:{resource_id}:v{version}:{run}` — a retry of the ETL of a version,
-  one per ended run (`run`: a short hash of the run id it retries).
+  one per ended run (`run`: a short hash of the run id it retries); a reprocessing
+  job's re-runs are such retries too;
+- `reprocess:{filter}` — a reprocessing job (`filter`: a short hash of its normalized
+  filter, so the same filter asked twice while the job runs is the same job).
 
 The resource id is limited to `[A-Za-z0-9._~-]`.
 """
@@ -33,6 +36,20 @@ def webhook_workflow_id(workflow_id: str) -> str:
 def upsert_workflow_id(resource_id: str, request_id: str) -> str:
     """Return the id of the workflow that applies one upsert request."""
     return f"upsert:{resource_id}:{request_id}"
+
+
+def reprocess_job_id(filter_digest: str) -> str:
+    """Return the id of the reprocessing job of a filter (`ReprocessFilter.digest`)."""
+    return f"reprocess:{filter_digest}"
+
+
+def reprocess_task_queue(task_queue: str) -> str:
+    """Return the task queue of reprocessing: its jobs, their re-runs and their activities.
+
+    Apart from the live upserts' queue, served by workers with slots of their own, so a
+    large job never delays a live upsert.
+    """
+    return f"{task_queue}-reprocess"
 
 
 def etl_retry_workflow_id(resource_id: str, version: int, retried_run_id: str) -> str:

@@ -138,6 +138,18 @@ class Worker(BaseModel):
     build_id: str = Field(default="", max_length=255, pattern=r"^[^:/\s]*$")
 
 
+class Reprocess(BaseModel):
+    """The worker's reprocessing side: its own task queue (`<task_queue>-reprocess`) and
+    slots, so that reprocessing jobs never take a slot from a live upsert."""
+
+    #: Activities (re-run steps, pages) one worker runs at once for reprocessing.
+    max_concurrent_activities: int = Field(default=10, ge=1)
+    #: Workflow tasks (jobs and their re-runs) one worker runs at once for reprocessing.
+    max_concurrent_workflow_tasks: int = Field(default=5, ge=2)
+    #: Local activities (a re-run's claim and outcome) one worker runs at once.
+    max_concurrent_local_activities: int = Field(default=10, ge=1)
+
+
 class Dev(BaseModel):
     """`make dev` only: where the embedded servers keep their data, and their ports."""
 
@@ -267,6 +279,7 @@ class Settings(BaseSettings):
     worker: Worker = Worker()
     enrichment: Enrichment = Enrichment()
     janitor: Janitor = Janitor()
+    reprocess: Reprocess = Reprocess()
 
     # `make dev`.
     dev: Dev = Dev()
