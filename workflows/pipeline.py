@@ -143,7 +143,9 @@ _AROUND_LOCAL = replace(_AROUND, local=True)
 _NORMALIZE = Step(
     name="normalize",
     activity=ResourceActivities.normalize,
-    start_to_close=timedelta(minutes=2),
+    # A worker that died mid-attempt is noticed after this (no heartbeat): short, yet far
+    # above the largest accepted input's ~2 s (`make bench`).
+    start_to_close=timedelta(seconds=30),
     schedule_to_close=timedelta(hours=1),
     retry=_DATABASE_RETRY,
 )
@@ -167,7 +169,7 @@ _ENRICH = Step(
 _LOAD = Step(
     name="load",
     activity=ResourceActivities.load,
-    start_to_close=timedelta(minutes=1),
+    start_to_close=timedelta(seconds=30),
     schedule_to_close=timedelta(hours=1),
     retry=_DATABASE_RETRY,
 )

@@ -27,7 +27,7 @@ router = APIRouter(
     summary="Re-run the ETL of every matching resource, as one durable job",
     status_code=202,
     response_model=ReprocessAccepted,
-    responses=problem_responses(422, 429, 503),
+    responses=problem_responses(400, 422, 429, 503),
     dependencies=[require_write(Scope.OPERATE)],
 )
 async def start_reprocessing(
