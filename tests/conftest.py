@@ -3,6 +3,8 @@ a Temporal dev server, workers on a fresh task queue per test, the ASGI app."""
 
 from __future__ import annotations
 
+import io
+import logging
 import os
 import secrets
 import shutil
@@ -25,6 +27,7 @@ from tests.helpers import auth_headers
 from upsertflow import temporal
 from upsertflow.codec import CodecKey
 from upsertflow.db import create_engine, create_sessionmaker
+from upsertflow.logs import build_formatter
 from upsertflow.settings import Auth, Codec, Enrichment, RateLimit, Settings
 from worker import build_worker, enrichment_client
 
@@ -163,3 +166,20 @@ async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
 def resource_id() -> str:
     """A resource id no other test uses."""
     return f"r-{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def json_logs() -> Iterator[io.StringIO]:
+    """Every log record of the process, rendered as the production JSON lines."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(build_formatter("json"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)

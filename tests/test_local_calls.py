@@ -22,10 +22,10 @@ from temporalio.client import Client, WorkflowFailureError
 from temporalio.common import RetryPolicy
 from temporalio.worker import Worker
 
-from workflows.pipeline import PIPELINES, Call
+from workflows import pipeline
 
 #: A deadline a few attempts long: one each second and more.
-SHORT = Call(
+SHORT = pipeline.Call(
     local=True,
     start_to_close=timedelta(seconds=1),
     schedule_to_close=timedelta(seconds=4),
@@ -43,8 +43,8 @@ async def always_down(_: str) -> None:
 @workflow.defn(sandboxed=False)
 class LocalCall:
     @workflow.run
-    async def run(self) -> None:
-        await SHORT.execute(always_down, "persist", summary="always down")
+    async def run(self, call: str) -> None:
+        await SHORT.execute(always_down, call, summary=f"{call}, always down")
 
 
 async def test_a_local_call_retries_on_timers_until_its_deadline(client: Client) -> None:
@@ -54,7 +54,7 @@ async def test_a_local_call_retries_on_timers_until_its_deadline(client: Client)
         client, task_queue=task_queue, workflows=[LocalCall], activities=[always_down]
     ):
         handle = await client.start_workflow(
-            LocalCall.run, id=f"local-{uuid.uuid4().hex}", task_queue=task_queue
+            LocalCall.run, "persist", id=f"local-{uuid.uuid4().hex}", task_queue=task_queue
         )
         with pytest.raises(WorkflowFailureError) as failed:
             # Far beyond the deadline: retrying past it would be the bug.
@@ -72,7 +72,7 @@ async def test_a_local_call_retries_on_timers_until_its_deadline(client: Client)
 
 
 def test_new_workflows_call_around_the_steps_locally_and_steps_remotely() -> None:
-    newest = PIPELINES[max(PIPELINES)]
+    newest = pipeline.PIPELINES[max(pipeline.PIPELINES)]
     assert newest.persist.local and newest.claim_etl.local and newest.record_outcome.local
     # Steps stay regular activities: enrich heartbeats, and each is its own in the UI.
     assert not any(step.local for step in newest.steps)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -20,7 +19,6 @@ from api.observability import serve_metrics
 from devstack import free_port
 from tests.helpers import wait_for_etl
 from upsertflow import temporal
-from upsertflow.logs import build_formatter
 from upsertflow.settings import Settings
 from worker import build_worker, enrichment_client
 
@@ -125,23 +123,6 @@ async def test_worker_metrics_have_the_sdks_and_the_etls(
         assert count >= 1, step
     assert _value(samples, "upsertflow_etl_runs_total", outcome="succeeded") >= 1
     assert _value(samples, "upsertflow_enrichment_requests_total", status="200") >= 1
-
-
-@pytest.fixture
-def json_logs() -> Iterator[io.StringIO]:
-    """Every log record of the process, rendered as the production JSON lines."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(build_formatter("json"))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 async def test_one_request_can_be_followed_through_the_logs(

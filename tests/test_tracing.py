@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import logging
 import os
 import threading
 import time
@@ -33,7 +32,6 @@ from devstack import free_port
 from tests.helpers import wait_for_etl
 from upsertflow import temporal, tracing
 from upsertflow.db import create_engine, create_sessionmaker
-from upsertflow.logs import build_formatter
 from upsertflow.settings import Settings
 from worker import build_worker, enrichment_client
 from workflows.pipeline import PIPELINES
@@ -80,23 +78,6 @@ async def traced_worker(
                 yield running
     finally:
         await engine.dispose()
-
-
-@pytest.fixture
-def json_logs() -> Iterator[io.StringIO]:
-    """Every log record of the process, rendered as the production JSON lines."""
-    stream = io.StringIO()
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(build_formatter("json"))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield stream
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
 
 
 # ---------------------------------------------------------------- helpers
