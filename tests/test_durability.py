@@ -363,7 +363,7 @@ async def killed_mid_enrich(
         await service.http.delete("/_faults")
 
 
-async def test_worker_killed_mid_enrich_the_new_worker_resumes_from_the_last_heartbeat(
+async def test_worker_killed_mid_enrich_the_new_worker_resumes_from_its_checkpoints(
     stack: Stack, killed_mid_enrich: KilledMidEnrich
 ) -> None:
     run = killed_mid_enrich
