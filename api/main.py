@@ -13,7 +13,7 @@ from api import docs, problems
 from api.observability import ObservabilityMiddleware
 from api.ratelimit import write_buckets
 from api.routes import codec, context, etl, health, reprocess, resources
-from api.security import TokenVerifier, check_codec_access, warn_if_disabled
+from api.security import TokenVerifier, anonymous_scopes, warn_if_disabled
 from upsertflow import temporal, tracing
 from upsertflow.db import create_engine, create_sessionmaker
 from upsertflow.settings import Settings, get_settings
@@ -44,8 +44,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     that auth is disabled).
     """
     settings = settings or get_settings()
-    token_verifier = TokenVerifier(settings.auth)
-    check_codec_access(settings)
+    token_verifier = TokenVerifier(settings.auth, anonymous_scopes(settings))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -125,10 +125,12 @@ def check_config(auth: Auth) -> None:
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def check_codec_access(settings: Settings) -> None:
-    """Refuse a tokenless codec server on a non-loopback address; warn about it on loopback."""
+def anonymous_scopes(settings: Settings) -> frozenset[str]:
+    """The scopes a call without a token holds: none, but `codec` under `make dev` for the
+    dev server's Web UI (`UPSERTFLOW_CODEC__DEV_UI_WITHOUT_TOKEN`), which has no login. Refused
+    on a non-loopback address; a warning on loopback."""
     if not settings.codec.dev_ui_without_token:
-        return
+        return frozenset()
     if settings.api.host not in LOOPBACK:
         raise AuthNotConfigured(
             "UPSERTFLOW_CODEC__DEV_UI_WITHOUT_TOKEN is for `make dev` on loopback only: "
@@ -138,6 +140,7 @@ def check_codec_access(settings: Settings) -> None:
         "the codec endpoints answer WITHOUT a token (UPSERTFLOW_CODEC__DEV_UI_WITHOUT_TOKEN, "
         "for the dev server's Web UI): anyone on this machine may decrypt payloads"
     )
+    return frozenset({Scope.CODEC})
 
 
 def warn_if_disabled(auth: Auth) -> None:
@@ -152,9 +155,11 @@ def warn_if_disabled(auth: Auth) -> None:
 class TokenVerifier:
     """Verify bearer tokens as the settings say; one per app."""
 
-    def __init__(self, auth: Auth) -> None:
+    def __init__(self, auth: Auth, anonymous: frozenset[str] = frozenset()) -> None:
         check_config(auth)
         self.auth = auth
+        #: What a call without a token may do (`anonymous_scopes`).
+        self.anonymous = anonymous
         self._key = auth.signing_key.get_secret_value().encode()
         self._jwks = (
             jwt.PyJWKClient(
@@ -250,6 +255,8 @@ async def authorize(
         return ANONYMOUS
     needed = security_scopes.scopes
     if credentials is None:
+        if needed and verifier.anonymous.issuperset(needed):
+            return Caller("anonymous", verifier.anonymous, authenticated=False)
         raise _missing(needed)
     claims = await verifier.verify(credentials.credentials)
     caller = Caller(str(claims["sub"]), granted_scopes(claims))

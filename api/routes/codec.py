@@ -16,11 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Security
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, SecurityScopes
 from google.protobuf import json_format
 from pydantic import BaseModel, ConfigDict, Field
 from starlette import types
@@ -30,9 +29,8 @@ from temporalio.api.common.v1 import Payload, Payloads
 from api.body import check_content_type, read_limited
 from api.deps import SettingsDep, TemporalDep
 from api.problems import Problem, problem_responses
-from api.security import ANONYMOUS, Caller, Scope, authorize, bearer
+from api.security import Scope, require_scopes
 from upsertflow.codec import UndecryptablePayload
-from upsertflow.settings import Settings
 
 PREFIX = "/codec"
 #: Payloads per request: the Web UI sends one event attribute's (a few) at a time, and
@@ -42,22 +40,10 @@ MAX_PAYLOADS = 1_000
 ALLOWED_HEADERS = ["Content-Type", "X-Namespace", "Authorization", "Authorization-Extras"]
 
 
-async def codec_access(
-    security_scopes: SecurityScopes,
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
-) -> Caller:
-    """A token with the `codec` scope; under `make dev` (`dev_ui_without_token`), none."""
-    settings: Settings = request.app.state.settings
-    if settings.codec.dev_ui_without_token:
-        return ANONYMOUS
-    return await authorize(security_scopes, request, credentials)
-
-
 router = APIRouter(
     prefix=PREFIX,
     tags=["codec"],
-    dependencies=[Security(codec_access, scopes=[Scope.CODEC])],
+    dependencies=[require_scopes(Scope.CODEC)],
     responses=problem_responses(401, 403),
 )
 
