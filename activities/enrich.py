@@ -43,6 +43,14 @@ from upsertflow.store.steps import StepStore
 
 #: 4xx answers that are worth retrying: the request itself was fine.
 _RETRYABLE_CLIENT_ERRORS = {408, 409, 425, 429}
+
+
+def refused_for_good(status: int) -> bool:
+    """Whether an HTTP answer says the same request would be refused again: a 4xx other
+    than 408/409/425/429. Retrying it is pointless (the enrichment service, webhooks)."""
+    return 400 <= status < 500 and status not in _RETRYABLE_CLIENT_ERRORS
+
+
 #: The longest wait one `Retry-After` can impose before the next attempt.
 MAX_RETRY_AFTER = timedelta(minutes=5)
 #: Longest `title` of a problem+json error answer quoted in a failure.
@@ -230,7 +238,7 @@ def _failure(
     status = response.status_code
     title = _problem_title(response, sent)
     said = f' ("{title}")' if title else ""
-    if 400 <= status < 500 and status not in _RETRYABLE_CLIENT_ERRORS:
+    if refused_for_good(status):
         return ApplicationError(
             f"the enrichment service rejected the request: {_status(status)}{said}; "
             "not retried (the same request would be rejected again)",

@@ -22,12 +22,12 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.enrich import refused_for_good
 from upsertflow.contracts import EtlEnded
 from upsertflow.settings import Webhooks
 
 SIGNATURE_HEADER = "Upsertflow-Signature"
 EVENT_ID_HEADER = "Upsertflow-Event-Id"
-_RETRYABLE_CLIENT_ERRORS = {408, 409, 425, 429}
 
 
 def signature(secret: str, timestamp: int, body: bytes) -> str:
@@ -75,7 +75,7 @@ class WebhookActivities:
         status = answer.status_code
         if 200 <= status < 300:
             return status
-        if 400 <= status < 500 and status not in _RETRYABLE_CLIENT_ERRORS:
+        if refused_for_good(status):
             raise ApplicationError(
                 f"the webhook receiver refused the event with {status}; not retried",
                 type="WebhookRejected",
