@@ -9,6 +9,8 @@ them would hold; the job re-runs their ETL on the reprocess task queue, served b
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 import uuid
 from collections import Counter
@@ -25,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from devstack import Stack, StackConfig
 from tests.helpers import wait_for_etl
 from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.naming import reprocess_task_queue
@@ -356,3 +359,62 @@ async def test_a_live_upsert_during_a_job_is_never_overwritten_by_a_stale_rerun(
     loaded = await contexts(sessions, prefix)
     assert all(c.pipeline_version == OUTPUT_VERSION for c in loaded.values())
     assert all(loaded[i].records == NORMALIZED for i in ids if i not in chosen)
+
+
+@pytest.mark.e2e
+async def test_a_job_whose_worker_is_killed_resumes_without_redoing_a_resource(
+    database_url: str,
+    temporal_address: str,
+    enrichment_url: str,
+    client: Client,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    prefix: str,
+) -> None:
+    """The worker process SIGKILLed in the middle of a job (its job, re-runs and
+    activities on the reprocess queue cut off at any point), then started again: the
+    job goes on where it stopped, and every resource is re-run exactly once."""
+    count = 60
+    task_queue = f"rp-kill-{uuid.uuid4().hex}"
+    ids = await seed(sessions, prefix, count)
+    stack = Stack(
+        StackConfig(
+            database_url=database_url,
+            temporal_address=temporal_address,
+            enrichment_url=enrichment_url,
+            workers=1,
+            api_ports=(0,),
+            env={"UPSERTFLOW_TASK_QUEUE": task_queue},
+            app_grace=10,
+        )
+    )
+    try:
+        stack.start()
+        async with httpx.AsyncClient(
+            base_url=stack.api_url, headers=stack.auth_headers(), timeout=30
+        ) as api:
+            job_id = await start(api, id_prefix=prefix, concurrency=5)
+            await wait_job(api, job_id, progressed(15))
+            worker = stack.child("worker")
+            assert worker.process is not None
+            os.kill(worker.process.pid, signal.SIGKILL)
+            worker.process.wait(10)
+            halfway = await job(api, job_id)
+            worker.start()
+            body = await wait_job(api, job_id, ended, within=180)
+    finally:
+        stack.stop()
+    assert halfway["status"] == "running"
+    progress = body["progress"]
+    assert body["status"] == "completed"
+    assert (progress["done"], progress["failed"], progress["skipped"]) == (count, 0, 0), progress
+    queue = reprocess_task_queue(task_queue)
+    reruns: Counter[str] = Counter()
+    async for execution in client.list_workflows(
+        f'WorkflowType="UpsertWorkflow" AND TaskQueue="{queue}"'
+    ):
+        reruns[execution.id.split(":")[1]] += 1
+    assert reruns == dict.fromkeys(ids, 1)
+    assert all(
+        c.pipeline_version == OUTPUT_VERSION for c in (await contexts(sessions, prefix)).values()
+    )
