@@ -22,24 +22,14 @@ from pathlib import Path
 import httpx
 from sqlalchemy.ext.asyncio import create_async_engine
 
-import devstack
 from bench.common import body, count_etls, table
-
-RATE_LIMIT_OFF = {
-    "UPSERTFLOW_RATE_LIMIT__WRITES_PER_SECOND": "0",
-}
+from bench.stack import Stack
 
 
 async def run(workers: int, apis: int, m: int, concurrency: int) -> dict[str, float]:
     """Upserts per second with `workers` worker processes; CPU ms per upsert by process."""
     root = Path(tempfile.mkdtemp(prefix="upsertflow-scale-"))
-    config = devstack.StackConfig(
-        root=root,
-        workers=workers,
-        api_ports=(0,) * apis,
-        env={"UPSERTFLOW_TASK_QUEUE": "bench-scale", **RATE_LIMIT_OFF},
-    )
-    stack = devstack.Stack(config)
+    stack = Stack(root, workers=workers, apis=apis)
     stack.start()
     db = create_async_engine(stack.database_url)
     run_id = uuid.uuid4().hex[:8]

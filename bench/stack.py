@@ -22,10 +22,19 @@ class Stack(devstack.Stack):
 
     task_queue = "bench-upsertflow"
 
-    def __init__(self, root: Path, dynamic_config: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        root: Path,
+        dynamic_config: Sequence[str] = (),
+        *,
+        workers: int = 1,
+        apis: int = 1,
+    ) -> None:
         super().__init__(
             devstack.StackConfig(
                 root=root,
+                workers=workers,
+                api_ports=(0,) * apis,
                 temporal_dynamic_config=tuple(dynamic_config),
                 env={
                     "UPSERTFLOW_TASK_QUEUE": self.task_queue,
