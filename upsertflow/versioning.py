@@ -133,10 +133,25 @@ def current_build_id(described: DescribeWorkerDeploymentResponse) -> str:
 
 
 async def set_current(client: Client, version: WorkerDeploymentVersion) -> None:
-    """Make `version` current once its workers have polled (what `set-current-version` does)."""
-    described = await wait_until_registered(client, version)
-    if current_build_id(described) != version.build_id:
-        await _set_current(client, version, described.conflict_token)
+    """Make `version` current once its workers have polled (what `set-current-version` does).
+
+    The server refuses (`FAILED_PRECONDITION`) while the version's workers have not yet
+    polled every task queue the current version serves — a worker polls its workflow and
+    activity queues one after the other: look again until they have. Waits as long as it
+    takes: bound it with `asyncio.timeout`.
+    """
+    while True:
+        described = await wait_until_registered(client, version)
+        if current_build_id(described) == version.build_id:
+            return
+        try:
+            await _set_current(client, version, described.conflict_token)
+            return
+        except RPCError as error:
+            if error.status != RPCStatusCode.FAILED_PRECONDITION:
+                raise
+            log.info("waiting for the version's workers to poll: %s", error.message)
+            await asyncio.sleep(0.2)
 
 
 async def make_current_if_unset(client: Client, version: WorkerDeploymentVersion) -> bool:
