@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,11 +28,34 @@ SERVER_GRACE_SECONDS = 10.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that nothing listens on now."""
-    with socket.socket() as sock:
+    """A TCP port that nothing listens on now, below the kernel's ephemeral range.
+
+    A port the kernel hands out for `bind(0)` is an ephemeral one: by the time the
+    process meant to listen on it starts, an outgoing connection (a worker to Temporal,
+    an API to PostgreSQL) may have taken it. Ports below that range are never given to
+    outgoing connections.
+    """
+    low = _ephemeral_low()
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded machine: any free port
         sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
+        any_port: int = sock.getsockname()[1]
+        return any_port
+
+
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def check_port_free(host: str, port: int, what: str) -> None:
