@@ -20,7 +20,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.common import WorkerDeploymentVersion
 from temporalio.runtime import PrometheusConfig, Runtime, TelemetryConfig
-from temporalio.worker import Interceptor, Worker
+from temporalio.worker import Interceptor, UnsandboxedWorkflowRunner, Worker
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
 from activities.enrich import EnrichActivities
 from activities.interceptor import AttemptInterceptor
@@ -72,6 +73,10 @@ def build_worker(
         interceptors=[AttemptInterceptor(), *interceptors],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
         deployment_config=versioning.deployment_config(version) if version else None,
+        # See `Worker.sandboxed` (settings): the guard runs in the tests, not per workflow.
+        workflow_runner=(
+            SandboxedWorkflowRunner() if settings.worker.sandboxed else UnsandboxedWorkflowRunner()
+        ),
     )
 
 

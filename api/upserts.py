@@ -25,6 +25,7 @@ from upsertflow.contracts import EtlStatus, Persisted, UpsertRequest
 from upsertflow.settings import Settings
 from upsertflow.store.blobs import store_documents
 from upsertflow.store.resources import persisted_by_request
+from workflows import pipeline
 
 log = logging.getLogger("upsertflow.api")
 
@@ -49,6 +50,7 @@ class Upsert:
             idempotency_key=self.idempotency_key,
             correlation_id=correlation_id.get() or None,
             notify=notify,
+            pipeline_version=pipeline.newest(),
         )
 
 

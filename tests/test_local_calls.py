@@ -1,12 +1,14 @@
 """Local activity calls keep their declared policy on the real dev server.
 
 Pipeline v2 runs `persist`, `claim_etl` and `record_outcome` as local activities
-(`Call(local=True)`). A local activity's deadline (`schedule_to_close`) is checked by
-the worker between attempts and its retries wait either in the worker's memory or on a
+(`Call(local=True)`), v3 also the `load` step. A local activity's
+timeouts (`start_to_close` per attempt, `schedule_to_close` overall) are enforced by the
+worker, against its own clock, and its retries wait either in the worker's memory or on a
 durable timer; with `LOCAL_RETRY_THRESHOLD` below every initial interval, each retry
 waits on a timer (a worker crash loses no wait) and the deadline ends the retries.
-The time-skipping server cannot show this (the worker checks the deadline against its
-own clock), so it is shown here, with a short policy, on the dev server.
+The time-skipping server cannot show this (it moves its own clock, not the worker's), so
+it is shown here, with a short policy, on the dev server; `test_workflow_policies` shows
+the declared backoffs of the local steps there.
 """
 
 from __future__ import annotations
@@ -71,12 +73,55 @@ async def test_a_local_call_retries_on_timers_until_its_deadline(client: Client)
     assert EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED not in types
 
 
-def test_new_workflows_call_around_the_steps_locally_and_steps_remotely() -> None:
+@activity.defn(name="hangs_once")
+async def hangs_once(_: str) -> int:
+    attempt = activity.info().attempt
+    attempts.append(attempt)
+    if attempt == 1:
+        await asyncio.sleep(3600)  # until the worker cancels it at its start-to-close
+    return attempt
+
+
+@workflow.defn(sandboxed=False)
+class HangingLocalCall:
+    @workflow.run
+    async def run(self, call: str) -> int:
+        return await SHORT.execute(hangs_once, call, summary=f"{call}, hangs once")
+
+
+async def test_a_hanging_local_call_is_cut_by_its_timeout_and_retried(client: Client) -> None:
+    task_queue = f"local-{uuid.uuid4().hex}"
+    attempts.clear()
+    async with Worker(
+        client, task_queue=task_queue, workflows=[HangingLocalCall], activities=[hangs_once]
+    ):
+        handle = await client.start_workflow(
+            HangingLocalCall.run, "load", id=f"local-{uuid.uuid4().hex}", task_queue=task_queue
+        )
+        result = await asyncio.wait_for(handle.result(), timeout=60)
+    history = await handle.fetch_history()
+
+    # The first attempt was cut at its start-to-close (1 s), the second answered.
+    assert result == 2 and attempts == [1, 2]
+    types = [event.event_type for event in history.events]
+    assert types.count(EventType.EVENT_TYPE_TIMER_STARTED) == 1  # the backoff between them
+    assert EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED not in types  # all in the worker
+
+
+def test_new_workflows_run_database_work_locally_and_enrich_remotely() -> None:
     newest = pipeline.PIPELINES[max(pipeline.PIPELINES)]
-    assert newest.persist.local and newest.claim_etl.local and newest.record_outcome.local
-    # Steps stay regular activities: enrich heartbeats, and each is its own in the UI.
-    assert not any(step.local for step in newest.steps)
-    # What every around-call may retry before its deadline is above the local threshold.
-    for call in (newest.persist, newest.claim_etl, newest.record_outcome):
+    steps = {step.name: step for step in newest.steps}
+    # Short database work runs in the workflow's worker: the calls around the steps, load.
+    local = [newest.persist, newest.claim_etl, newest.record_outcome, steps["load"]]
+    assert all(call.local for call in local)
+    # normalize is a regular activity (the answer leaves with the workflow task that starts
+    # it); enrich too: it calls another service, heartbeats, retries for hours.
+    assert not steps["normalize"].local
+    assert not steps["enrich"].local and steps["enrich"].heartbeat is not None
+    for call in local:
+        assert call.heartbeat is None  # a local activity cannot heartbeat
+        # A deadline ends its retries, and each retry waits on a durable timer: every
+        # initial interval is above the threshold under which a retry waits in memory.
+        assert call.schedule_to_close is not None
         assert call.retry.initial_interval is not None
-        assert call.retry.initial_interval > timedelta(milliseconds=500)
+        assert call.retry.initial_interval > pipeline.LOCAL_RETRY_THRESHOLD

@@ -11,24 +11,27 @@ test-only key in `tests/histories/codec-keys`), which do not replay without thei
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import uuid
 from pathlib import Path
 
 import httpx
 import pytest
 from pydantic import SecretStr
-from temporalio.client import Client, WorkflowHistory
+from temporalio.client import Client, WorkflowExecutionStatus, WorkflowHistory
 from temporalio.worker import Replayer, Worker
 
 from tests.helpers import wait_for_etl
 from upsertflow import temporal
 from upsertflow.codec import CodecKey
-from upsertflow.settings import Codec
+from upsertflow.contracts import UpsertRequest
+from upsertflow.settings import Codec, Settings
 from workflows import pipeline
 from workflows.upsert import UpsertWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
-#: Recorded before payloads were encrypted, and after (`encrypted_*`, `v2_*`): all replay.
+#: Recorded before payloads were encrypted, and after (`encrypted_*`, `v2_*`, `v3_*`): all replay.
 SCENARIOS = [
     "succeeded",
     "succeeded_after_retries",
@@ -45,6 +48,14 @@ SCENARIOS = [
     "v2_retried",
     "v2_superseded",
     "v2_cancelled",
+    # Pipeline v3 (`load` local too; the pipeline version in the workflow's input, no
+    # patch marker; one search attribute upsert, at the end).
+    "v3_succeeded",
+    "v3_succeeded_after_retries",
+    "v3_failed",
+    "v3_retried",
+    "v3_superseded",
+    "v3_cancelled",
 ]
 #: The test-only key the histories are recorded with (`tests/histories/record.py`).
 HISTORY_CODEC = Codec(keys_file=HISTORIES / "codec-keys")
@@ -136,3 +147,42 @@ async def test_a_new_workflow_runs_the_newest_pipeline(
     assert (
         await live.replay_workflow(history, raise_on_replay_failure=False)
     ).replay_failure is None
+
+
+async def test_a_pipeline_version_the_worker_does_not_know_waits_for_a_worker_that_does(
+    worker: Worker, client: Client, settings: Settings, resource_id: str
+) -> None:
+    """An API newer than the workers asks for a version they lack: the workflow task fails
+    (and is retried, for a worker that knows it), the workflow does not, nothing runs."""
+    unknown = pipeline.newest() + 1
+    handle = await client.start_workflow(
+        UpsertWorkflow.run,
+        UpsertRequest(
+            resource_id=resource_id,
+            request_id=uuid.uuid4().hex,
+            attributes_digest="0" * 64,
+            info_digest="0" * 64,
+            pipeline_version=unknown,
+        ),
+        id=f"upsert:{resource_id}:{uuid.uuid4().hex}",
+        task_queue=settings.task_queue,
+    )
+    try:
+        failure = None
+        for _ in range(200):
+            async for event in handle.fetch_history_events():
+                if event.HasField("workflow_task_failed_event_attributes"):
+                    encoded = event.workflow_task_failed_event_attributes.failure
+                    failure = str(await client.data_converter.decode_failure(encoded))
+            if failure:
+                break
+            await asyncio.sleep(0.05)
+        description = await handle.describe()
+    finally:
+        await handle.terminate("test over")
+
+    assert failure is not None and f"pipeline version {unknown} is unknown" in failure, failure
+    assert description.status == WorkflowExecutionStatus.RUNNING
+    events = [event async for event in handle.fetch_history_events()]
+    assert not any(e.HasField("marker_recorded_event_attributes") for e in events)
+    assert not any(e.HasField("activity_task_scheduled_event_attributes") for e in events)

@@ -51,6 +51,9 @@ class UpsertRequest(BaseModel):
     retry_of_version: int | None = None
     #: Notify the webhook (`UPSERTFLOW_WEBHOOKS__URL`) when the ETL ends.
     notify: bool = False
+    #: The pipeline version to run (`workflows.pipeline.PIPELINES`): the newest its starter
+    #: knows. None (workflows started before v3): the newest, recorded by a patch marker.
+    pipeline_version: int | None = None
 
 
 class EtlEnded(BaseModel):

@@ -127,6 +127,14 @@ class Worker(BaseModel):
     metrics_port: int = 0
     #: How long a stopping worker lets running activities finish.
     graceful_shutdown_seconds: float = 30.0
+    #: Run workflow code in the SDK's sandbox, which fails a workflow task whose code calls
+    #: something non-deterministic (the clock, random, I/O) and isolates module state per
+    #: run. Off by default: it costs a third of the worker's CPU per upsert (it re-imports
+    #: the workflow module for every run and wraps every activation; `bench/RESULTS.md`),
+    #: and the guard runs where it catches mistakes, before deployment: the replay tests
+    #: replay every recorded history in the sandbox, and the policy tests run the
+    #: workflows in it (`tests/test_sandbox.py`). On: the guard in production too.
+    sandboxed: bool = False
     #: Run as a version of a Worker Deployment (Worker Versioning), its workflows pinned: a
     #: running upsert finishes on the code it started with. False: an unversioned worker,
     #: for a Temporal server without Worker Versioning (< 1.29).

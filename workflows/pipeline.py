@@ -104,8 +104,12 @@ class Pipeline:
     #: The version of what the steps compute, recorded on every context they load: bump it
     #: (in a new entry) with any change that alters outputs — a new enrichment field, a
     #: fixed normalization rule, a new step — so `GET /resources?pipeline_version_lt=N`
-    #: finds the contexts to reprocess. A change of how calls run (v2) keeps it.
+    #: finds the contexts to reprocess. A change of how calls run (v2, v3) keeps it.
     outputs: int = 1
+    #: Upsert the `ResourceVersion` and `EtlStatus` search attributes when the steps
+    #: start (`running`), not only when the ETL ends. Each upsert is a visibility write
+    #: on the server; v3 drops this one (a running workflow is listed as Running).
+    announce_running: bool = True
 
     def activities(self) -> list[Callable[..., Any]]:
         """The activity methods this pipeline calls."""
@@ -192,10 +196,31 @@ PIPELINES: dict[int, Pipeline] = {
         record_outcome=_AROUND_LOCAL,
         steps=(_NORMALIZE, _ENRICH, _LOAD),
     ),
+    # `load` runs locally too: short database work, no heartbeat, its retries on durable
+    # timers (backoff above `LOCAL_RETRY_THRESHOLD`) within its deadline. `normalize`
+    # stays a regular activity: the update's answer leaves with the workflow task that
+    # schedules it, where a local call would hold that task (and the client) until it
+    # ended. `enrich` stays one: it calls an external service, heartbeats, may retry for
+    # hours, and an operator sees it pending in the Web UI with its last failure. An
+    # upsert costs the server 2 activity tasks, and one search attribute upsert, when the
+    # ETL ends.
+    3: Pipeline(
+        persist=_AROUND_LOCAL,
+        claim_etl=_AROUND_LOCAL,
+        record_outcome=_AROUND_LOCAL,
+        steps=(_NORMALIZE, _ENRICH, replace(_LOAD, local=True)),
+        announce_running=False,
+    ),
 }
 
+
+def newest() -> int:
+    """The newest pipeline version: what a new workflow asks for (`UpsertRequest`)."""
+    return max(PIPELINES)
+
+
 #: The newest pipeline version: what new workflows run.
-PIPELINE_VERSION = max(PIPELINES)
+PIPELINE_VERSION = newest()
 PIPELINE = PIPELINES[PIPELINE_VERSION].steps
 #: The version of what new workflows compute: what a context loaded today records.
 OUTPUT_VERSION = PIPELINES[PIPELINE_VERSION].outputs

@@ -57,6 +57,7 @@ with workflow.unsafe.imports_passed_through():
         ReprocessProgress,
     )
     from upsertflow.naming import RESOURCE_ID, etl_retry_workflow_id
+    from workflows import pipeline
     from workflows.upsert import UpsertWorkflow
 
 A = TypeVar("A")
@@ -185,6 +186,7 @@ class ReprocessWorkflow:
                     info_digest=item.info_digest,
                     retry_of_version=item.version,
                     correlation_id=workflow.info().workflow_id,
+                    pipeline_version=pipeline.newest(),
                 ),
                 id=etl_retry_workflow_id(item.resource_id, item.version, item.etl_run_id),
                 task_queue=workflow.info().task_queue,

@@ -51,11 +51,14 @@ class UpsertWorkflow:
 
     @workflow.run
     async def run(self, request: UpsertRequest) -> EtlProgress:
-        self._follow_pipeline(_pipeline_version())
+        self._follow_pipeline(_pipeline_version(request))
         persisted = await self._persist(request)
         progress = self._progress
         progress.version = persisted.version
-        self._set_status(EtlStatus.RUNNING)
+        if self._pipeline.announce_running:
+            self._set_status(EtlStatus.RUNNING)
+        else:
+            progress.status = EtlStatus.RUNNING
         previous: str | None = None
         steps = self._pipeline.steps
         for index, (step, state) in enumerate(zip(steps, progress.steps, strict=True)):
@@ -250,11 +253,25 @@ class UpsertWorkflow:
             pass  # a reset run of this workflow: its event is on its way already
 
 
-def _pipeline_version() -> int:
-    """The pipeline version of this run: the newest for a new run; on replay, the one it
-    started with. Each version after the first is recorded as a patch marker, so a
-    workflow that started before a version existed keeps the steps it started with.
+def _pipeline_version(request: UpsertRequest) -> int:
+    """The pipeline version of this run: the one its starter asked for (from v3 on), or,
+    for a workflow started without one, the one recorded with a patch marker.
+
+    A version asked for is in the workflow's input, the same on every replay, and costs
+    the server nothing (a patch marker also upserts the `TemporalChangeVersion` search
+    attribute: a visibility write per workflow). A worker that does not know it fails the
+    workflow task, which is retried until a worker that does picks it up: deploy workers
+    before the API that asks for their new version (or use Worker Versioning).
     """
+    if request.pipeline_version is not None:
+        if request.pipeline_version not in PIPELINES:
+            raise RuntimeError(
+                f"pipeline version {request.pipeline_version} is unknown to this worker "
+                f"(it knows {sorted(PIPELINES)}): deploy the workers that define it"
+            )
+        return request.pipeline_version
+    # Started without one (by an API before v3, or a test): the newest for a new run; on
+    # replay, the one it started with, each version after the first a patch marker.
     versions = sorted(PIPELINES, reverse=True)
     for version in versions[:-1]:
         if workflow.patched(f"pipeline-v{version}"):

@@ -20,6 +20,7 @@ from api.workflows import etl_retry_options, live_progress, reconciled, start, u
 from upsertflow.contracts import IN_FLIGHT, EtlStatus, StepState, UpsertRequest
 from upsertflow.models import ResourceVersion
 from upsertflow.store.resources import current_version
+from workflows import pipeline
 from workflows.pipeline import PIPELINE
 
 router = APIRouter(prefix="/resources", tags=["etl"], responses=problem_responses(401, 403))
@@ -130,6 +131,7 @@ def _retry_request(version: ResourceVersion, *, notify: bool) -> UpsertRequest:
         retry_of_version=version.version,
         correlation_id=correlation_id.get() or None,
         notify=notify,
+        pipeline_version=pipeline.newest(),
     )
 
 

@@ -13,7 +13,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy import cast, delete, exists, func, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -27,6 +28,7 @@ from upsertflow.contracts import (
     PersistInput,
 )
 from upsertflow.models import (
+    Blob,
     BlobClaim,
     Resource,
     ResourceContext,
@@ -35,7 +37,7 @@ from upsertflow.models import (
     StepOutput,
     persisted_from,
 )
-from upsertflow.store.steps import load_blob_json, owns_etl
+from upsertflow.store.steps import missing_blob, owns_etl
 
 
 class RequestWithdrawn(Exception):
@@ -67,26 +69,34 @@ async def _persist(
     workflow_id: str,
     run_id: str,
 ) -> Persisted:
+    # Two statements, one transaction: every upsert pays this, so it is kept to the
+    # round trips it needs.
     async with sessions.begin() as session:
-        existing = await session.scalar(
-            select(ResourceVersion).where(ResourceVersion.request_id == request.request_id)
-        )
-        if existing is not None:
-            resource = await session.get_one(Resource, existing.resource_id)
-            return persisted_from(existing, resource.created_at)
         # The request's claim is its fence: a DELETE that withdrew the request (and so
-        # cancelled this workflow) removed it, and a late attempt writes nothing. Locked,
-        # so such a DELETE waits for this transaction, then deletes what it wrote.
+        # cancelled this workflow) removed it, and a late attempt writes nothing. Taken
+        # over here (deleted: the version refers to the info from now on), and so locked:
+        # such a DELETE waits for this transaction, then deletes what it wrote.
         claimed = (
             await session.scalars(
-                select(BlobClaim.digest)
+                delete(BlobClaim)
                 .where(BlobClaim.request_id == request.request_id)
-                .with_for_update()
+                .returning(BlobClaim.digest)
             )
         ).all()
         if request.info_digest not in claimed:
-            raise RequestWithdrawn(request.request_id)
-        attributes = await load_blob_json(session, request.attributes_digest)
+            # Persisted already, by an earlier attempt (which took the claim over), or
+            # withdrawn.
+            existing = await session.scalar(
+                select(ResourceVersion).where(ResourceVersion.request_id == request.request_id)
+            )
+            if existing is None:
+                raise RequestWithdrawn(request.request_id)
+            resource = await session.get_one(Resource, existing.resource_id)
+            return persisted_from(existing, resource.created_at)
+        if request.attributes_digest not in claimed:
+            # Never in practice: the API claims both documents, and a claimed document
+            # is kept (deleting it deletes its claims).
+            raise missing_blob(request.attributes_digest)
         now = datetime.now(UTC)
         # Versions never go backwards, even across a DELETE: a resource created again
         # continues from its tombstone.
@@ -95,38 +105,56 @@ async def _persist(
             .where(ResourceTombstone.resource_id == request.resource_id)
             .scalar_subquery()
         )
-        upsert = (
-            pg_insert(Resource)
-            .values(
-                id=request.resource_id,
-                version=first_version,
-                attributes=attributes,
-                created_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_update(
-                index_elements=[Resource.id],
-                set_={"version": Resource.version + 1, "attributes": attributes, "updated_at": now},
-            )
-            .returning(Resource.version, Resource.created_at, Resource.updated_at)
+        # The attributes document, stored canonical JSON, is decoded by the database.
+        attributes = (
+            select(cast(func.convert_from(Blob.body, "UTF8"), JSONB))
+            .where(Blob.digest == request.attributes_digest)
+            .scalar_subquery()
         )
-        row = (await session.execute(upsert)).one()
-        # The version refers to the info from now on: the request's claim is done.
-        await session.execute(delete(BlobClaim).where(BlobClaim.request_id == request.request_id))
+        upsert = pg_insert(Resource).values(
+            id=request.resource_id,
+            version=first_version,
+            attributes=attributes,
+            created_at=now,
+            updated_at=now,
+        )
+        resource_row = upsert.on_conflict_do_update(
+            index_elements=[Resource.id],
+            set_={
+                "version": Resource.version + 1,
+                "attributes": upsert.excluded.attributes,
+                "updated_at": now,
+            },
+        ).returning(Resource.version, Resource.created_at)
+        new_resource = resource_row.cte("resource")
         values = {
             "resource_id": request.resource_id,
-            "version": row.version,
             "request_id": request.request_id,
             "blob_digest": request.info_digest,
-            "persisted_at": row.updated_at,
-            "etl_status": EtlStatus.PENDING,
+            "persisted_at": now,
+            "etl_status": EtlStatus.PENDING.value,
             "etl_workflow_id": workflow_id,
             "etl_run_id": run_id,
             "etl_steps": [],
         }
-        # A Core insert: the ORM's unit of work would cost more than the statement.
-        await session.execute(insert(ResourceVersion).values(values))
-        return persisted_from(ResourceVersion(**values), row.created_at)
+        columns = ResourceVersion.__table__.c
+        version_row = insert(ResourceVersion).from_select(
+            ["version", *values],
+            select(
+                new_resource.c.version,
+                *(literal(value, columns[name].type) for name, value in values.items()),
+            ),
+        )
+        # Both rows in one statement.
+        row = (
+            await session.execute(
+                select(new_resource.c.version, new_resource.c.created_at).add_cte(
+                    version_row.cte("version_row")
+                )
+            )
+        ).one()
+        stored = ResourceVersion(version=row.version, **values)
+        return persisted_from(stored, row.created_at)
 
 
 async def claim_version(
