@@ -3,8 +3,9 @@
 `PIPELINES` holds each version of the pipeline: the ETL steps in order — each an
 activity with its own timeouts and retry policy — and the calls around them
 (`persist`, `claim_etl`, `record_outcome`). A running workflow keeps the version
-it started with (recorded with `workflow.patched`), so a change here never breaks
-it; new workflows run the newest.
+it started with (in its input from v3 on, `UpsertRequest.pipeline_version`; before,
+recorded with `workflow.patched`), so a change here never breaks it; new workflows run
+the newest (`newest()`, which the API asks for).
 
 Every step takes a `StepInput` and returns a `StepResult`; it reads the output of
 the step before it (the first step reads the raw `info`) from PostgreSQL and
