@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -52,10 +52,24 @@ def test_a_rate_of_zero_is_unlimited_and_idle_callers_are_forgotten() -> None:
 
 
 @pytest.fixture
-async def limited(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
+def clock() -> Clock:
+    return Clock()
+
+
+def on_clock(app: FastAPI, clock: Clock) -> FastAPI:
+    """`app` with its write buckets on `clock`: a slow request must not refill a bucket."""
+    rate = app.state.write_buckets
+    app.state.write_buckets = TokenBuckets(rate.rate, rate.burst, clock=clock)
+    return app
+
+
+@pytest.fixture
+async def limited(
+    settings: Settings, clock: Clock
+) -> AsyncIterator[tuple[httpx.AsyncClient, Settings]]:
     """The API allowing 2 writes at once and 1 per second per caller; its client has no token."""
     limited = settings.model_copy(update={"rate_limit": RateLimit(writes_per_second=1.0, burst=2)})
-    app = create_app(limited)
+    app = on_clock(create_app(limited), clock)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
@@ -64,6 +78,7 @@ async def limited(settings: Settings) -> AsyncIterator[tuple[httpx.AsyncClient, 
 
 async def test_writes_beyond_the_rate_are_429_with_retry_after_per_caller(
     limited: tuple[httpx.AsyncClient, Settings],
+    clock: Clock,
     sessions: async_sessionmaker[AsyncSession],
     resource_id: str,
 ) -> None:
@@ -93,7 +108,7 @@ async def test_writes_beyond_the_rate_are_429_with_retry_after_per_caller(
     assert (await http.delete(f"/resources/{resource_id}", headers=bob)).status_code == 404
     assert (await http.get(f"/resources/{resource_id}", headers=alice)).status_code == 404
 
-    await asyncio.sleep(1.05)  # one token back
+    clock.now += 1.0  # one token back
     assert (await http.delete(f"/resources/{resource_id}", headers=alice)).status_code == 404
     assert (await http.delete(f"/resources/{resource_id}", headers=alice)).status_code == 429
 
@@ -111,12 +126,12 @@ async def test_a_refused_token_takes_nothing_from_the_callers_bucket(
 
 
 async def test_with_auth_disabled_callers_are_told_apart_by_address(
-    settings: Settings, resource_id: str
+    settings: Settings, clock: Clock, resource_id: str
 ) -> None:
     disabled = settings.model_copy(
         update={"auth": Auth(disabled=True), "rate_limit": RateLimit(writes_per_second=1, burst=1)}
     )
-    app = create_app(disabled)
+    app = on_clock(create_app(disabled), clock)
     async with app.router.lifespan_context(app):
         for address, statuses in (("10.0.0.1", [404, 429]), ("10.0.0.2", [404])):
             transport = httpx.ASGITransport(app=app, client=(address, 1234))
