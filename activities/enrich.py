@@ -31,6 +31,7 @@ from http import HTTPStatus
 from typing import Any
 
 import httpx
+import orjson
 from temporalio import activity
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ApplicationError
@@ -133,7 +134,8 @@ class EnrichActivities:
         try:
             response = await self._http.post(
                 f"{self._config.url.rstrip('/')}/v1/enrich",
-                json={"items": batch},
+                content=orjson.dumps({"items": batch}),
+                headers={"Content-Type": "application/json"},
                 timeout=self._config.request_timeout_seconds,
             )
         except httpx.TimeoutException as error:
@@ -169,8 +171,10 @@ def _count_call(outcome: str) -> None:
 def _answers(response: httpx.Response, batch: list[dict[str, str]]) -> dict[str, Any]:
     """Return the fields to merge from a 2xx answer; raise `EnrichmentBadAnswer` if malformed."""
     try:
-        body = response.json()
-    except (ValueError, RecursionError):  # not JSON, not UTF-8, or absurdly nested
+        # orjson, as the answers are stored with it: no NaN, no lone surrogates, integers of
+        # 64 bits at most (larger ones are read as floats), nesting at most 1,024 deep.
+        body = orjson.loads(response.content)
+    except orjson.JSONDecodeError:  # not JSON, not UTF-8, or absurdly nested
         raise _bad_answer(response, "its body is not JSON") from None
     results = body.get("results") if isinstance(body, dict) else None
     if not isinstance(results, list):

@@ -118,19 +118,31 @@ class ResourceActivities:
         (an ETL retry) replaces the context: a retry recomputes it.
         """
         attempt = activity.info().attempt
-        _, run_id = _workflow()
-        done = await versions.loaded_by_run(self._sessions, step.resource_id, step.version, run_id)
-        if done is not None:
-            return StepResult(attempt=attempt, stats={"records": done})
-        if not await self._store.still_owned(step):
+        if step.previous_step is None:
+            raise ApplicationError(
+                "load needs a step before it: it loads that step's output",
+                type="StepOutputMissing",
+                non_retryable=True,
+            )
+        try:
+            records = await versions.load_context(
+                self._sessions,
+                step.resource_id,
+                step.version,
+                *_workflow(),
+                step.previous_step,
+                step.pipeline_version,
+            )
+        except versions.OutputMissing:
+            raise ApplicationError(
+                f"the output of step {step.previous_step!r} for {step.resource_id} "
+                f"v{step.version} is missing",
+                type="StepOutputMissing",
+                non_retryable=True,
+            ) from None
+        if records is None:
             return superseded_result()
-        records = await self._store.read_input(step)
-        loaded = await versions.load_context(
-            self._sessions, step.resource_id, step.version, run_id, records, step.pipeline_version
-        )
-        if not loaded:
-            return superseded_result()
-        return StepResult(attempt=attempt, stats={"records": len(records)})
+        return StepResult(attempt=attempt, stats={"records": records})
 
     @activity.defn(name="record_outcome")
     async def record_outcome(self, outcome: OutcomeInput) -> None:
