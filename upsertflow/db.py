@@ -11,6 +11,8 @@ or a log line: the URL is a `SecretStr` in the settings.
 
 from __future__ import annotations
 
+import functools
+
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import (
@@ -56,3 +58,21 @@ def create_engine(settings: Settings, *, pre_ping: bool = True) -> AsyncEngine:
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """Sessions that keep loaded objects usable after commit."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+@functools.lru_cache(maxsize=16)
+def _autocommit(engine: AsyncEngine) -> AsyncEngine:
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+def single_statements(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    """The sessions' engine with each statement its own transaction (no BEGIN and COMMIT
+    round trips): for work that is one statement, atomic by itself."""
+    engine: AsyncEngine = sessions.kw["bind"]
+    return _autocommit(engine)
+
+
+def transactions(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    """The sessions' engine, for plain SQL in a transaction (`async with ….begin()`)."""
+    engine: AsyncEngine = sessions.kw["bind"]
+    return engine

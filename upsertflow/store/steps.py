@@ -18,6 +18,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from upsertflow.contracts import EtlStatus, StepInput
+from upsertflow.db import single_statements
 
 A = TypeVar("A")
 R = TypeVar("R")
@@ -86,8 +87,8 @@ class StepStore:
 
     @property
     def _engine(self) -> AsyncEngine:
-        engine: AsyncEngine = self.sessions.kw["bind"]
-        return engine
+        # Every statement here stands alone: no transaction round trips around it.
+        return single_statements(self.sessions)
 
     async def begin(self, step: StepInput) -> bool:
         """Mark the version's ETL as running; False if it was superseded or taken over.
@@ -97,7 +98,7 @@ class StepStore:
         """
         info = activity.info()
         params = {**_version_of(step), "workflow_id": info.workflow_id}
-        async with self._engine.begin() as connection:
+        async with self._engine.connect() as connection:
             updated = await connection.scalar(_BEGIN, {**params, "run_id": info.workflow_run_id})
         return updated is not None
 
@@ -151,7 +152,7 @@ class StepStore:
             "step": name or step.step,
             "body": body,
         }
-        async with self._engine.begin() as connection:
+        async with self._engine.connect() as connection:
             result = await connection.execute(_WRITE, params)
         return bool(result.rowcount)
 

@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 from sqlalchemy import delete, exists, func, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from upsertflow.contracts import (
     IN_FLIGHT,
@@ -26,6 +26,7 @@ from upsertflow.contracts import (
     Persisted,
     PersistInput,
 )
+from upsertflow.db import single_statements, transactions
 from upsertflow.models import (
     Resource,
     ResourceVersion,
@@ -58,21 +59,23 @@ async def persist_version(
         return await _persist(sessions, request, workflow_id, run_id)
 
 
-#: Persisting a version, one statement: take the request's claims over (deleting them:
-#: the claim is the request's fence — a DELETE that withdrew the request, and so cancelled
-#: the workflow, removed it, and a late attempt writes nothing; deleting locks it, so such a
-#: DELETE waits for this transaction, then deletes what it wrote); if both documents were
-#: claimed, upsert the resource (versions never go backwards, even across a DELETE: a
-#: resource created again continues from its tombstone; the attributes document, stored
-#: canonical JSON, is decoded by the database) and insert the version. Every upsert pays
-#: this, so it is one round trip, and plain SQL: nothing for SQLAlchemy to build per call.
+#: Persisting a version, one statement, one round trip (every upsert pays it): if both
+#: documents are claimed by the request — and only then — take its claims over, upsert the
+#: resource and insert the version. The claim is the request's fence: a DELETE that withdrew
+#: the request (and so cancelled the workflow) removed it, and a late attempt writes nothing;
+#: locked here, such a DELETE waits for this statement, then deletes what it wrote. Versions
+#: never go backwards, even across a DELETE: a resource created again continues from its
+#: tombstone. The attributes document, stored canonical JSON, is decoded by the database.
 _PERSIST = text(f"""
-    WITH claimed AS (
-        DELETE FROM blob_claims WHERE request_id = :request_id RETURNING digest
+    WITH held AS (
+        SELECT digest FROM blob_claims WHERE request_id = :request_id FOR UPDATE
     ), taken AS (
         SELECT coalesce(bool_or(digest = :info_digest), false) AS info,
                coalesce(bool_or(digest = :attributes_digest), false) AS attributes
-        FROM claimed
+        FROM held
+    ), claimed AS (
+        DELETE FROM blob_claims
+        WHERE request_id = :request_id AND (SELECT info AND attributes FROM taken)
     ), resource AS (
         INSERT INTO resources AS resource (id, version, attributes, created_at, updated_at)
         SELECT CAST(:resource_id AS text),
@@ -123,7 +126,7 @@ async def _persist(
         "run_id": run_id,
         "now": now,
     }
-    async with _engine(sessions).begin() as connection:
+    async with single_statements(sessions).connect() as connection:
         row = (await connection.execute(_PERSIST, params)).one()
         if row.version is not None:
             return Persisted(
@@ -135,7 +138,7 @@ async def _persist(
             )
         if row.info:
             # Never in practice: the API claims both documents, and a claimed document
-            # is kept (deleting it deletes its claims). Raising rolls the claims back.
+            # is kept (deleting it deletes its claims). Nothing was written.
             raise missing_blob(request.attributes_digest)
         # Persisted already, by an earlier attempt (which took the claim over), or withdrawn.
         existing = (
@@ -150,11 +153,6 @@ async def _persist(
             created_at=existing.created_at,
             updated_at=existing.persisted_at,
         )
-
-
-def _engine(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
-    engine: AsyncEngine = sessions.kw["bind"]
-    return engine
 
 
 async def claim_version(
@@ -245,7 +243,7 @@ async def load_context(
         "workflow_id": workflow_id,
         "run_id": run_id,
     }
-    async with _engine(sessions).begin() as connection:
+    async with transactions(sessions).begin() as connection:
         state = (await connection.execute(_LOAD_CHECK, params)).one_or_none()
         if state is not None and state.ours:
             count: int = state.record_count
@@ -278,7 +276,7 @@ _RECORD_OUTCOME = text("""
 
 async def record_outcome(sessions: async_sessionmaker[AsyncSession], outcome: OutcomeInput) -> None:
     """Record how the ETL of a version ended, if `outcome.workflow_id` still owns it."""
-    async with _engine(sessions).begin() as connection:
+    async with single_statements(sessions).connect() as connection:
         await connection.execute(
             _RECORD_OUTCOME,
             {
