@@ -632,9 +632,9 @@ def report(args: argparse.Namespace, results: Results, seconds: float, busy: flo
         parts += [
             "Where the time goes: median per segment (ms) from the workflow histories "
             "of the one-at-a-time runs (end to end, large info). Activities: the regular "
-            "ones — upsertflow's normalize and enrich (1–2); the baseline's 5 no-ops. "
-            "upsertflow's persist, load and record_outcome are local activities "
-            "(pipeline v3): they run inside workflow tasks, so their time is in "
+            "ones — upsertflow's enrich (1); the baseline's 5 no-ops. "
+            "upsertflow's persist, normalize, load and record_outcome are local activities "
+            "(pipeline v4): they run inside workflow tasks, so their time is in "
             "'workflow tasks ran on the worker'. Queued: scheduled → started; ran: "
             "started → completed.",
             table(("segment", *results.where_columns), results.where),

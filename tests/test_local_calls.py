@@ -1,7 +1,7 @@
 """Local activity calls keep their declared policy on the real dev server.
 
 Pipeline v2 runs `persist`, `claim_etl` and `record_outcome` as local activities
-(`Call(local=True)`), v3 also the `load` step. A local activity's
+(`Call(local=True)`), v3 also the `load` step, v4 `normalize` too. A local activity's
 timeouts (`start_to_close` per attempt, `schedule_to_close` overall) are enforced by the
 worker, against its own clock, and its retries wait either in the worker's memory or on a
 durable timer; with `LOCAL_RETRY_THRESHOLD` below every initial interval, each retry
@@ -111,12 +111,16 @@ async def test_a_hanging_local_call_is_cut_by_its_timeout_and_retried(client: Cl
 def test_new_workflows_run_database_work_locally_and_enrich_remotely() -> None:
     newest = pipeline.PIPELINES[max(pipeline.PIPELINES)]
     steps = {step.name: step for step in newest.steps}
-    # Short database work runs in the workflow's worker: the calls around the steps, load.
-    local = [newest.persist, newest.claim_etl, newest.record_outcome, steps["load"]]
+    # Short work runs in the workflow's worker: the calls around the steps, normalize, load.
+    local = [
+        newest.persist,
+        newest.claim_etl,
+        newest.record_outcome,
+        steps["normalize"],
+        steps["load"],
+    ]
     assert all(call.local for call in local)
-    # normalize is a regular activity (the answer leaves with the workflow task that starts
-    # it); enrich too: it calls another service, heartbeats, retries for hours.
-    assert not steps["normalize"].local
+    # enrich is a regular activity: it calls another service, heartbeats, retries for hours.
     assert not steps["enrich"].local and steps["enrich"].heartbeat is not None
     for call in local:
         assert call.heartbeat is None  # a local activity cannot heartbeat

@@ -31,7 +31,7 @@ from workflows import pipeline
 from workflows.upsert import UpsertWorkflow
 
 HISTORIES = Path(__file__).parent / "histories"
-#: Recorded before payloads were encrypted, and after (`encrypted_*`, `v2_*`, `v3_*`): all replay.
+#: Recorded before payloads were encrypted, and after (`encrypted_*`, `v2_*` …): all replay.
 SCENARIOS = [
     "succeeded",
     "succeeded_after_retries",
@@ -56,6 +56,13 @@ SCENARIOS = [
     "v3_retried",
     "v3_superseded",
     "v3_cancelled",
+    # Pipeline v4 (`normalize` local too: `enrich` is the only regular activity).
+    "v4_succeeded",
+    "v4_succeeded_after_retries",
+    "v4_failed",
+    "v4_retried",
+    "v4_superseded",
+    "v4_cancelled",
 ]
 #: The test-only key the histories are recorded with (`tests/histories/record.py`).
 HISTORY_CODEC = Codec(keys_file=HISTORIES / "codec-keys")

@@ -13,8 +13,9 @@ driven by Playwright; installed with apt on first use) opens
    return summaries, and UI 2.54 has no such column);
 3. the API's deep link `etl.ui_url` (the run's event history), which must show the
    workflow's input and result decoded, and whose compact view must show the
-   activity summaries "normalize <id> v1", "enrich <id> v1" and "load <id> v1" (the
-   last a local activity since pipeline v3: the UI shows its marker with the summary).
+   activity summaries "normalize <id> v1", "enrich <id> v1" and "load <id> v1"
+   (`normalize` and `load` are local activities since pipeline v4 and v3: the UI shows
+   their markers with the summaries).
 
 Every payload is encrypted (the suite's key): the summaries, the input and the result
 are readable only because the UI decodes them through the codec server, from the

@@ -212,6 +212,19 @@ PIPELINES: dict[int, Pipeline] = {
         steps=(_NORMALIZE, _ENRICH, replace(_LOAD, local=True)),
         announce_running=False,
     ),
+    # `normalize` runs locally too: CPU work over the stored `info` and two statements,
+    # no heartbeat, bounded by the input limits (~2 s for the largest accepted input).
+    # It runs in the workflow task that persists, so the update's answer leaves when
+    # normalize ends: a few milliseconds more for a small `info` (a large one is answered
+    # 202 past the sync timeout, as before). In exchange an upsert costs the server one
+    # activity task and one workflow task fewer: `enrich` is its only regular activity.
+    4: Pipeline(
+        persist=_AROUND_LOCAL,
+        claim_etl=_AROUND_LOCAL,
+        record_outcome=_AROUND_LOCAL,
+        steps=(replace(_NORMALIZE, local=True), _ENRICH, replace(_LOAD, local=True)),
+        announce_running=False,
+    ),
 }
 
 
