@@ -1,11 +1,12 @@
 """The `enrich` step: send selected records to the external enrichment service, merge answers.
 
 Records are selected by the enrichment rules (a path pattern and a kind each),
-sent in batches, and each answer's fields are merged as `{path}.{field}`
-(`address.country` = "FR" gains `address.country.country_name` = "France").
-After every batch the activity stores that batch's answers (a checkpoint in
-PostgreSQL, one row per batch, so checkpointing stays linear in the number of
-batches) and heartbeats its progress, so a retried attempt — after a crash, a
+sent in batches, `concurrency` of them in flight at once, and each answer's fields
+are merged as `{path}.{field}` (`address.country` = "FR" gains
+`address.country.country_name` = "France"). After every batch the activity stores
+that batch's answers (a checkpoint in PostgreSQL, one row per batch, so
+checkpointing stays linear in the number of batches) and heartbeats its progress
+(the number of batches stored), so a retried attempt — after a crash, a
 timeout or a 5xx — asks only for the batches not answered yet instead of
 starting over. A 4xx answer cannot succeed on
 retry: it fails the step at once.
@@ -21,6 +22,7 @@ fine, the service's answer was not (like a 5xx).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import re
 from collections.abc import Iterable
@@ -108,15 +110,33 @@ class EnrichActivities:
         for answers in stored.values():
             merged.update(answers)
         resumed = len(stored)
-        for index, batch in enumerate(batches):
-            if f"{prefix}{index}" in stored:
-                continue
-            activity.heartbeat(index)
-            answers = await self._call(batch)
-            if not await self._store.write(step, answers, name=f"{prefix}{index}"):
-                return superseded_result()
-            merged.update(answers)
-            activity.heartbeat(index + 1)
+        todo = iter([i for i in range(len(batches)) if f"{prefix}{i}" not in stored])
+        done = resumed
+
+        async def ask() -> bool:
+            """Ask for the batches left, one after the other; False if superseded."""
+            nonlocal done
+            for index in todo:  # shared by every `ask`: each batch is asked for once
+                answers = await self._call(batches[index])
+                if not await self._store.write(step, answers, name=f"{prefix}{index}"):
+                    return False
+                merged.update(answers)
+                done += 1
+                activity.heartbeat(done)
+            return True
+
+        # A few batches in flight at once: the service's, PostgreSQL's and this worker's
+        # time overlap. The first failure cancels the others and fails the attempt.
+        activity.heartbeat(done)
+        askers = [asyncio.ensure_future(ask()) for _ in range(self._config.concurrency)]
+        try:
+            finished = await asyncio.gather(*askers)
+        finally:
+            for asker in askers:
+                asker.cancel()
+            await asyncio.gather(*askers, return_exceptions=True)
+        if not all(finished):
+            return superseded_result()
         if not await self._store.write(step, {**records, **merged}):
             return superseded_result()
         return StepResult(

@@ -57,6 +57,9 @@ def stack() -> Iterator[Stack]:
         env={
             "UPSERTFLOW_TASK_QUEUE": f"durability-{uuid.uuid4().hex}",
             "UPSERTFLOW_ENRICHMENT__BATCH_SIZE": str(BATCH_SIZE),
+            # One batch at a time: the scenarios time batches against the SDK's heartbeat
+            # throttle (batches in flight together: `test_enrich.py`).
+            "UPSERTFLOW_ENRICHMENT__CONCURRENCY": "1",
             "UPSERTFLOW_WORKER__GRACEFUL_SHUTDOWN_SECONDS": "1",
         },
     )

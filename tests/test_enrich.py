@@ -151,7 +151,8 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     version_with_records: StepInput,
 ) -> None:
     step = version_with_records
-    config = Enrichment(url=settings.enrichment.url, batch_size=2)
+    # One batch at a time, so that "the third request" is the third batch.
+    config = Enrichment(url=settings.enrichment.url, batch_size=2, concurrency=1)
     heartbeats: list[int] = []
     admin_url = str(enrichment.base_url)
 
@@ -189,6 +190,41 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     # Each value was enriched exactly once: the second attempt did not redo batches 1 and 2.
     assert stats["by_key"] == {code: 1 for code in ["FR", "DE", "IT", "ES", "PT", "NL"]}
     assert stats["by_status"] == {"200": 3, "503": 1}
+
+
+async def test_batches_in_flight_together_ask_for_each_value_once_and_merge_all(
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    enrichment: httpx.AsyncClient,
+    version_with_records: StepInput,
+) -> None:
+    step = version_with_records
+    config = Enrichment(url=settings.enrichment.url, batch_size=1, concurrency=4)
+    heartbeats: list[int] = []
+    async with httpx.AsyncClient() as http:
+        activities = EnrichActivities(StepStore(sessions), http, config)
+        environment = ActivityEnvironment()
+        environment.on_heartbeat = lambda *details: heartbeats.append(int(details[0]))  # type: ignore[call-overload]
+        result = await environment.run(activities.enrich, step)
+
+    assert result.stats == {
+        "selected": 6,
+        "enriched_fields": 12,
+        "batches": 6,
+        "resumed_at_batch": 0,
+    }
+    # Progress counts the batches stored, whatever order they were answered in.
+    assert heartbeats == [0, 1, 2, 3, 4, 5, 6]
+    output = await StepStore(sessions).read(step, "enrich")
+    assert output is not None
+    assert output["note"] == "kept"
+    names = {"FR": "France", "DE": "Germany", "IT": "Italy", "ES": "Spain", "PT": "Portugal"}
+    for n, code in enumerate(["FR", "DE", "IT", "ES", "PT"]):
+        assert output[f"site_{n}.country.country_name"] == names[code]
+    assert output["site_5.country.country_name"] == "Netherlands"
+    stats = (await enrichment.get("/_stats")).json()
+    assert stats["by_key"] == {code: 1 for code in ["FR", "DE", "IT", "ES", "PT", "NL"]}
+    assert stats["by_status"] == {"200": 6}
 
 
 async def test_half_the_enrichment_requests_failing_still_ends_succeeded(
