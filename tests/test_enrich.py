@@ -204,7 +204,7 @@ async def test_batches_in_flight_together_ask_for_each_value_once_and_merge_all(
     async with httpx.AsyncClient() as http:
         activities = EnrichActivities(StepStore(sessions), http, config)
         environment = ActivityEnvironment()
-        environment.on_heartbeat = lambda *details: heartbeats.append(int(details[0]))  # type: ignore[call-overload]
+        environment.on_heartbeat = lambda *details: heartbeats.append(int(str(details[0])))
         result = await environment.run(activities.enrich, step)
 
     assert result.stats == {
