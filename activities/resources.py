@@ -26,7 +26,7 @@ from upsertflow.contracts import (
 )
 from upsertflow.normalize import normalize_info
 from upsertflow.store import versions
-from upsertflow.store.steps import StepStore
+from upsertflow.store.steps import StepStore, missing_output
 
 log = logging.getLogger("upsertflow.activities")
 
@@ -118,12 +118,8 @@ class ResourceActivities:
         (an ETL retry) replaces the context: a retry recomputes it.
         """
         attempt = activity.info().attempt
-        if step.previous_step is None:
-            raise ApplicationError(
-                "load needs a step before it: it loads that step's output",
-                type="StepOutputMissing",
-                non_retryable=True,
-            )
+        if step.previous_step is None:  # a pipeline whose first step loads: nothing to load
+            raise missing_output(step, step.previous_step)
         try:
             records = await versions.load_context(
                 self._sessions,
@@ -134,12 +130,7 @@ class ResourceActivities:
                 step.pipeline_version,
             )
         except versions.OutputMissing:
-            raise ApplicationError(
-                f"the output of step {step.previous_step!r} for {step.resource_id} "
-                f"v{step.version} is missing",
-                type="StepOutputMissing",
-                non_retryable=True,
-            ) from None
+            raise missing_output(step, step.previous_step) from None
         if records is None:
             return superseded_result()
         return StepResult(attempt=attempt, stats={"records": records})

@@ -134,14 +134,38 @@ async def version_with_records(
             )
         )
     step = StepInput(resource_id=resource_id, version=1, step="enrich", previous_step="normalize")
-    records = {
-        f"site_{n}.country": code for n, code in enumerate(["FR", "DE", "IT", "ES", "PT", "NL"])
-    }
+    records = {f"site_{n}.country": code for n, code in enumerate(SITES)}
     # As the workflow that owns the version's ETL ("test", as in every ActivityEnvironment).
     await ActivityEnvironment().run(
         StepStore(sessions).write, step, {**records, "note": "kept"}, "normalize"
     )
     return step
+
+
+#: The six records of `version_with_records`, by country code, and their names.
+SITES = {
+    "FR": "France",
+    "DE": "Germany",
+    "IT": "Italy",
+    "ES": "Spain",
+    "PT": "Portugal",
+    "NL": "Netherlands",
+}
+
+
+async def assert_each_site_enriched_once(
+    sessions: async_sessionmaker[AsyncSession], enrichment: httpx.AsyncClient, step: StepInput
+) -> dict[str, Any]:
+    """The stored output of `enrich` has every record and every site's country name, and
+    the service was asked about each value exactly once; return the service's stats."""
+    output = await StepStore(sessions).read(step, "enrich")
+    assert output is not None
+    assert output["note"] == "kept"
+    for n, name in enumerate(SITES.values()):
+        assert output[f"site_{n}.country.country_name"] == name
+    stats: dict[str, Any] = (await enrichment.get("/_stats")).json()
+    assert stats["by_key"] == {code: 1 for code in SITES}
+    return stats
 
 
 async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
@@ -181,14 +205,8 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
         "batches": 3,
         "resumed_at_batch": 2,
     }
-    output = await StepStore(sessions).read(step, "enrich")
-    assert output is not None
-    assert output["note"] == "kept"
-    assert output["site_0.country.country_name"] == "France"
-    assert output["site_5.country.country_name"] == "Netherlands"
-    stats = (await enrichment.get("/_stats")).json()
     # Each value was enriched exactly once: the second attempt did not redo batches 1 and 2.
-    assert stats["by_key"] == {code: 1 for code in ["FR", "DE", "IT", "ES", "PT", "NL"]}
+    stats = await assert_each_site_enriched_once(sessions, enrichment, step)
     assert stats["by_status"] == {"200": 3, "503": 1}
 
 
@@ -215,15 +233,7 @@ async def test_batches_in_flight_together_ask_for_each_value_once_and_merge_all(
     }
     # Progress counts the batches stored, whatever order they were answered in.
     assert heartbeats == [0, 1, 2, 3, 4, 5, 6]
-    output = await StepStore(sessions).read(step, "enrich")
-    assert output is not None
-    assert output["note"] == "kept"
-    names = {"FR": "France", "DE": "Germany", "IT": "Italy", "ES": "Spain", "PT": "Portugal"}
-    for n, code in enumerate(["FR", "DE", "IT", "ES", "PT"]):
-        assert output[f"site_{n}.country.country_name"] == names[code]
-    assert output["site_5.country.country_name"] == "Netherlands"
-    stats = (await enrichment.get("/_stats")).json()
-    assert stats["by_key"] == {code: 1 for code in ["FR", "DE", "IT", "ES", "PT", "NL"]}
+    stats = await assert_each_site_enriched_once(sessions, enrichment, step)
     assert stats["by_status"] == {"200": 6}
 
 

@@ -65,14 +65,13 @@ def _autocommit(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-def single_statements(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
-    """The sessions' engine with each statement its own transaction (no BEGIN and COMMIT
-    round trips): for work that is one statement, atomic by itself."""
-    engine: AsyncEngine = sessions.kw["bind"]
-    return _autocommit(engine)
-
-
 def transactions(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
     """The sessions' engine, for plain SQL in a transaction (`async with ….begin()`)."""
     engine: AsyncEngine = sessions.kw["bind"]
     return engine
+
+
+def single_statements(sessions: async_sessionmaker[AsyncSession]) -> AsyncEngine:
+    """The sessions' engine with each statement its own transaction (no BEGIN and COMMIT
+    round trips): for work that is one statement, atomic by itself."""
+    return _autocommit(transactions(sessions))

@@ -118,12 +118,7 @@ class StepStore:
             return await decoded(row.body)
         output = await self.read(step, step.previous_step)
         if output is None:
-            raise ApplicationError(
-                f"the output of step {step.previous_step!r} for {step.resource_id} "
-                f"v{step.version} is missing",
-                type="StepOutputMissing",
-                non_retryable=True,
-            )
+            raise missing_output(step, step.previous_step)
         return output
 
     async def read(self, step: StepInput, name: str) -> dict[str, Any] | None:
@@ -175,6 +170,15 @@ async def off_loop(function: Callable[[A], R], argument: A, *, inline: bool) -> 
 async def decoded(body: bytes) -> dict[str, Any]:
     """A stored JSON object, decoded."""
     return await off_loop(decode_object, body, inline=len(body) <= INLINE_BYTES)
+
+
+def missing_output(step: StepInput, name: str | None) -> ApplicationError:
+    """The failure of a step whose input, the output of step `name`, is not stored."""
+    return ApplicationError(
+        f"the output of step {name!r} for {step.resource_id} v{step.version} is missing",
+        type="StepOutputMissing",
+        non_retryable=True,
+    )
 
 
 def missing_blob(digest: str) -> ApplicationError:
