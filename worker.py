@@ -30,6 +30,7 @@ from activities.resources import ResourceActivities
 from activities.webhooks import WebhookActivities
 from upsertflow import temporal, tracing, versioning
 from upsertflow.db import create_engine, create_sessionmaker
+from upsertflow.http import CancelSafeTransport
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
 from upsertflow.naming import reprocess_task_queue
@@ -72,6 +73,9 @@ def build_worker(
         activities=bind_activities(implementations, ACTIVITIES),
         interceptors=[AttemptInterceptor(), *interceptors],
         graceful_shutdown_timeout=timedelta(seconds=settings.worker.graceful_shutdown_seconds),
+        max_concurrent_activities=settings.worker.max_concurrent_activities,
+        max_concurrent_workflow_tasks=settings.worker.max_concurrent_workflow_tasks,
+        max_concurrent_local_activities=settings.worker.max_concurrent_local_activities,
         deployment_config=versioning.deployment_config(version) if version else None,
         # See `Worker.sandboxed` (settings): the guard runs in the tests, not per workflow.
         workflow_runner=(
@@ -119,11 +123,14 @@ def bind_activities(
 
 
 def enrichment_client(settings: Settings) -> httpx.AsyncClient:
-    """The worker's one HTTP client for the enrichment service: pooled, with timeouts."""
+    """The worker's one HTTP client (the enrichment service, webhooks): pooled, with
+    timeouts, safe to cancel (`upsertflow.http`)."""
     limit = settings.enrichment.max_connections
     client = httpx.AsyncClient(
         timeout=settings.enrichment.request_timeout_seconds,
-        limits=httpx.Limits(max_connections=limit, max_keepalive_connections=limit),
+        transport=CancelSafeTransport(
+            httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
+        ),
     )
     tracing.instrument_http_client(client)
     return client

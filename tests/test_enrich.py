@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
+import random
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -12,16 +14,18 @@ import httpx
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.enrich import EnrichActivities
-from tests.helpers import wait_for_etl
+from tests.helpers import eventually, wait_for_etl
 from upsertflow.contracts import EtlStatus, StepInput
 from upsertflow.models import Blob, Resource, ResourceVersion
 from upsertflow.settings import Enrichment, Settings
 from upsertflow.store.steps import StepStore
+from worker import build_worker, enrichment_client
 
 PERSON = {
     "attributes": {"name": "Ada"},
@@ -256,3 +260,87 @@ async def test_half_the_enrichment_requests_failing_still_ends_succeeded(
     assert stats["by_status"]["200"] == 1
     etl = await _steps(sessions, resource_id)
     assert etl["enrich"]["attempts"] == stats["requests"] > 1
+
+
+async def _ask(http: httpx.AsyncClient, url: str, **kwargs: Any) -> httpx.Response:
+    items = [{"key": "site", "kind": "country_code", "value": "FR"}]
+    return await http.post(f"{url}/v1/enrich", json={"items": items}, **kwargs)
+
+
+async def test_cancelled_requests_never_leave_the_worker_unable_to_reach_the_service(
+    settings: Settings, enrichment: httpx.AsyncClient
+) -> None:
+    # The worker cancels requests all the time (deadlines passed, a batch's failure
+    # cancelling the others). httpcore alone loses a pool slot to some of them
+    # (encode/httpcore#1093): a few hundred like these and every request failed with a
+    # pool timeout while the service was idle.
+    url = settings.enrichment.url
+    await enrichment.put("/_faults", json={"latency_ms": 2})
+    tight = settings.model_copy(
+        update={"enrichment": settings.enrichment.model_copy(update={"max_connections": 2})}
+    )
+    rounds = random.Random(1)
+    async with enrichment_client(tight) as http:
+        for _ in range(150):
+            asks = [asyncio.ensure_future(_ask(http, url)) for _ in range(rounds.randint(1, 8))]
+            await asyncio.sleep(rounds.random() * 0.01)
+            for ask in asks:
+                ask.cancel()
+            await asyncio.gather(*asks, return_exceptions=True)
+
+        answers = await asyncio.gather(*(_ask(http, url, timeout=2.0) for _ in range(20)))
+
+    assert [answer.status_code for answer in answers] == [200] * 20
+    assert answers[0].json()["results"][0]["fields"]["country_name"] == "France"
+
+
+async def test_a_request_that_finds_every_connection_busy_waits_at_most_its_pool_timeout(
+    settings: Settings, enrichment: httpx.AsyncClient
+) -> None:
+    url = settings.enrichment.url
+    one = settings.model_copy(
+        update={"enrichment": settings.enrichment.model_copy(update={"max_connections": 1})}
+    )
+    async with enrichment_client(one) as http:
+        hanging = asyncio.ensure_future(_ask(http, url, headers={"X-Fault-Hang": "1"}, timeout=1.0))
+
+        async def in_flight() -> int | None:
+            return (await enrichment.get("/_stats")).json()["in_flight"] or None
+
+        await eventually(in_flight, "the hanging request at the service", 10)
+        with pytest.raises(httpx.PoolTimeout):
+            await _ask(http, url, timeout=httpx.Timeout(5.0, pool=0.2))
+        hanging.cancel()
+        # The hanging exchange still holds the connection (its caller is gone, it is not):
+        # it ends by its own read timeout, then the connection serves again.
+        answer = await _ask(http, url, timeout=httpx.Timeout(5.0, pool=10.0))
+    assert answer.status_code == 200
+
+
+async def test_a_worker_runs_no_more_enrich_attempts_at_once_than_its_activity_slots(
+    api: httpx.AsyncClient,
+    client: Client,
+    settings: Settings,
+    sessions: async_sessionmaker[AsyncSession],
+    enrichment: httpx.AsyncClient,
+    resource_id: str,
+) -> None:
+    # The rest wait on the server (scheduled, in the UI) for a slot, however many upserts
+    # come in: what one worker takes on is bounded (UPSERTFLOW_WORKER__MAX_CONCURRENT_*).
+    one_slot = settings.model_copy(
+        update={
+            "worker": settings.worker.model_copy(update={"max_concurrent_activities": 1}),
+            "enrichment": settings.enrichment.model_copy(update={"concurrency": 1}),
+        }
+    )
+    await enrichment.put("/_faults", json={"latency_ms": 300})
+    ids = [f"{resource_id}-{n}" for n in range(4)]
+    async with enrichment_client(one_slot) as http:
+        async with build_worker(client, one_slot, sessions, http):
+            for each in ids:
+                assert (await api.put(f"/resources/{each}", json=PERSON)).status_code == 201
+            ended = [await wait_for_etl(api, each, version=1, within=60) for each in ids]
+
+    assert [done["etl"]["status"] for done in ended] == ["succeeded"] * 4
+    stats = (await enrichment.get("/_stats")).json()
+    assert (stats["requests"], stats["peak_in_flight"]) == (4, 1)
