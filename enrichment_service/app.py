@@ -12,7 +12,8 @@
     per-request faults: headers X-Fault-Latency-Ms, X-Fault-Status, X-Fault-Hang: 1;
     GET|PUT|DELETE /_faults  {"latency_ms", "error_rate", "error_status", "hang", "fail_next",
         "seed", "forget"}: faults of every enrich request (PUT replaces all; DELETE: none).
-    GET|DELETE /_stats  {"requests", "items", "faults", "in_flight", "by_status", "by_key"}
+    GET|DELETE /_stats  {"requests", "items", "faults", "in_flight", "peak_in_flight",
+        "by_status", "by_key"}
 
     GET /healthz  {"status": "ok"}
 
@@ -174,6 +175,8 @@ class Stats:
     items: int = 0
     faults: int = 0
     in_flight: int = 0
+    #: The most enrich requests in flight at once.
+    peak_in_flight: int = 0
     by_status: Counter[str] = field(default_factory=Counter)
     by_key: Counter[str] = field(default_factory=Counter)
 
@@ -184,6 +187,7 @@ class Stats:
             "items": self.items,
             "faults": self.faults,
             "in_flight": self.in_flight,
+            "peak_in_flight": self.peak_in_flight,
             "by_status": dict(self.by_status),
             "by_key": dict(self.by_key),
         }
@@ -231,6 +235,7 @@ def create_app(faults: FaultConfig | None = None, *, test_mode: bool = False) ->
     async def enrich(request: Request) -> Response:
         state.stats.requests += 1
         state.stats.in_flight += 1
+        state.stats.peak_in_flight = max(state.stats.peak_in_flight, state.stats.in_flight)
         try:
             response = await _enrich(request, state)
         finally:
@@ -269,7 +274,8 @@ def _add_test_routes(app: FastAPI, state: ServiceState) -> None:
 
     @app.delete("/_stats")
     async def delete_stats() -> dict[str, Any]:
-        state.stats = Stats(in_flight=state.stats.in_flight)
+        in_flight = state.stats.in_flight
+        state.stats = Stats(in_flight=in_flight, peak_in_flight=in_flight)
         return state.stats.as_json()
 
 

@@ -271,9 +271,16 @@ async def test_hang_is_released_at_shutdown(app: FastAPI, client: httpx.AsyncCli
     await until(async_stat(client, "in_flight", 1))
     assert not hanging.done()
 
+    second = asyncio.create_task(enrich(client, item("email", "a@b.c")))
+    await until(async_stat(client, "in_flight", 2))
+    await client.delete("/_stats")  # the two in flight are still counted
+
     release_hangs(app)
-    response = await asyncio.wait_for(hanging, 5)
-    assert (response.status_code, response.headers["retry-after"]) == (503, "1")
+    responses = await asyncio.wait_for(asyncio.gather(hanging, second), 5)
+    for response in responses:
+        assert (response.status_code, response.headers["retry-after"]) == (503, "1")
+    stats = (await client.get("/_stats")).json()
+    assert (stats["in_flight"], stats["peak_in_flight"]) == (0, 2)
 
 
 def async_stat(client: httpx.AsyncClient, name: str, value: int) -> Callable[[], Awaitable[bool]]:
@@ -304,6 +311,7 @@ async def test_stats_count_requests_items_faults_and_values(client: httpx.AsyncC
         "items": 3,
         "faults": 1,
         "in_flight": 0,
+        "peak_in_flight": 1,
         "by_status": {"200": 2, "503": 1, "422": 1},
         "by_key": {"FR": 2, "a@b.c": 1},
     }
@@ -311,7 +319,15 @@ async def test_stats_count_requests_items_faults_and_values(client: httpx.AsyncC
     await client.get("/_faults")
     assert (await client.get("/_stats")).json()["requests"] == 4
 
-    empty = {"requests": 0, "items": 0, "faults": 0, "in_flight": 0, "by_status": {}, "by_key": {}}
+    empty = {
+        "requests": 0,
+        "items": 0,
+        "faults": 0,
+        "in_flight": 0,
+        "peak_in_flight": 0,
+        "by_status": {},
+        "by_key": {},
+    }
     assert (await client.delete("/_stats")).json() == empty
     assert (await client.get("/_stats")).json() == empty
 

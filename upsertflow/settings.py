@@ -146,6 +146,20 @@ class Worker(BaseModel):
     #: This worker's version of the deployment; empty: derived from the code it runs
     #: (`upsertflow.versioning.default_build_id`: the package version and a code digest).
     build_id: str = Field(default="", max_length=255, pattern=r"^[^:/\s]*$")
+    #: What one worker takes on at once for live upserts; the server keeps the rest of a
+    #: backlog for whichever worker has a free slot. Sized to what one process serves: its
+    #: database pool (`database_pool_size` + `database_max_overflow`, 20), its HTTP pool
+    #: (`enrichment.max_connections`, 20) and one event loop. The SDK's default, 100 of
+    #: each, let a backlog's first workflow tasks crowd out the enrich attempts already
+    #: running (they missed heartbeats and were retried) and the workflows advance
+    #: together; with these a backlog of 3,000 drains at a flat rate, each workflow from
+    #: start to end in turn (`bench/RESULTS.md`). Regular activities (enrich, webhooks):
+    max_concurrent_activities: int = Field(default=20, ge=1)
+    #: Workflow tasks (an upsert's two: persist and normalize, then load and record):
+    max_concurrent_workflow_tasks: int = Field(default=10, ge=2)
+    #: Local activities (persist, normalize, load and the calls around them; each holds
+    #: a database connection while it runs):
+    max_concurrent_local_activities: int = Field(default=20, ge=1)
 
 
 class Reprocess(BaseModel):
