@@ -70,6 +70,7 @@ class Sample(NamedTuple):
 
     seconds: float  # since the first PUT
     rss_kib: dict[str, int]  # by process
+    cpu_seconds: dict[str, float]  # used so far, by process
 
 
 class Drain(NamedTuple):
@@ -83,6 +84,8 @@ class Drain(NamedTuple):
     etls_not_succeeded: int
     finished: list[float]  # when each succeeded ETL ended (`etl_finished_at`), in order
     steps: list[float]  # when each step of every upsert ended, in order
+    kinds: dict[str, list[float]]  # the same by step (persisted, normalize, …), in order
+    retries: Counter[str]  # attempts beyond the first, by ETL step
     samples: list[Sample]  # from the polls, in order
     start_rss: dict[str, int]  # KiB by process, before the first PUT
     peak_rss: dict[str, int]  # KiB by process, over the run (`VmHWM`)
@@ -161,7 +164,13 @@ async def drain(bench: Bench) -> Section:
                 print(f"  backlog: {len(answers):,} accepted in {accepted_in:.0f} s", flush=True)
             succeeded, ended_otherwise = await count_etls(bench.db, pattern)
             now, ended = time.time(), succeeded + ended_otherwise
-            samples.append(Sample(now - t0, {name: rss_kib(pid) for name, pid in pids.items()}))
+            samples.append(
+                Sample(
+                    now - t0,
+                    {name: rss_kib(pid) for name, pid in pids.items()},
+                    stack.cpu_seconds(),
+                )
+            )
             if ended > last_ended:
                 for quarter in range(1, 5):
                     if last_ended < math.ceil(quarter * n / 4) <= ended:
@@ -181,7 +190,8 @@ async def drain(bench: Bench) -> Section:
     async with bench.db.connect() as connection:
         rows = (await connection.execute(STEPS, {"pattern": pattern})).all()
     finished: list[float] = []
-    steps: list[float] = []
+    kinds: dict[str, list[float]] = {}
+    retries: Counter[str] = Counter()
     latencies: dict[str, float] = {}
     for resource_id, status, persisted_at, finished_at, etl_steps in rows:
         ended_at = epoch(finished_at)
@@ -189,9 +199,17 @@ async def drain(bench: Bench) -> Section:
             continue
         finished.append(ended_at - t0)
         latencies[resource_id] = ended_at - accepted_at.get(resource_id, t0)
-        for at in (persisted_at, *(step.get("finished_at") for step in etl_steps), finished_at):
+        moments = [
+            ("persisted", persisted_at),
+            *((step["name"], step.get("finished_at")) for step in etl_steps),
+            ("recorded", finished_at),
+        ]
+        for kind, at in moments:
             if (seconds := epoch(at)) is not None:
-                steps.append(seconds - t0)
+                kinds.setdefault(kind, []).append(seconds - t0)
+        for step in etl_steps:
+            retries[step["name"]] += max(int(step.get("attempts") or 1) - 1, 0)
+    steps = sorted(seconds for times in kinds.values() for seconds in times)
     return report(
         args,
         Drain(
@@ -202,7 +220,9 @@ async def drain(bench: Bench) -> Section:
             quoted=quoted,
             etls_not_succeeded=ended_otherwise,
             finished=sorted(finished),
-            steps=sorted(steps),
+            steps=steps,
+            kinds={kind: sorted(times) for kind, times in kinds.items()},
+            retries=retries,
             samples=samples,
             start_rss=start_rss,
             peak_rss=peak,
@@ -221,8 +241,21 @@ def count_until(times: list[float], seconds: float) -> int:
 
 def rss_at(samples: list[Sample], seconds: float) -> dict[str, int]:
     """The memory the last poll up to `seconds` saw (the first poll, if none)."""
-    index = max(bisect_right([s.seconds for s in samples], seconds) - 1, 0)
-    return samples[index].rss_kib
+    return samples[poll_index(samples, seconds)].rss_kib
+
+
+def cpu_between(samples: list[Sample], start: float, end: float) -> dict[str, float]:
+    """CPU seconds each process used between the polls nearest `start` and `end`."""
+    first, last = poll_index(samples, start), poll_index(samples, end)
+    return {
+        name: samples[last].cpu_seconds[name] - samples[first].cpu_seconds.get(name, 0.0)
+        for name in samples[last].cpu_seconds
+    }
+
+
+def poll_index(samples: list[Sample], seconds: float) -> int:
+    """The index of the last poll up to `seconds` (the first poll, if none)."""
+    return max(bisect_right([s.seconds for s in samples], seconds) - 1, 0)
 
 
 def mib(kib: int) -> str:
@@ -247,11 +280,20 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
         ended = count_until(finished, end) - count_until(finished, start)
         rss = rss_at(drain.samples, end)
         vs = f"{rate / rates[0]:.2f}" if rates else "1.00"
-        cells = (label, f"{start:.0f} → {end:.0f}", f"{rate:.1f}", vs, f"{ended:,}")
-        return (*cells, *(mib(rss[name]) for name in names)), rate
+        by_kind = " / ".join(
+            f"{count_until(times, end) - count_until(times, start):,}"
+            for times in drain.kinds.values()
+        )
+        used = cpu_between(drain.samples, start, end)
+        busy = " / ".join(f"{used.get(name, 0.0) / (end - start):.2f}" for name in busiest)
+        cells = (label, f"{start:.0f} → {end:.0f}", f"{rate:.1f}", vs, f"{ended:,}", by_kind)
+        return (*cells, busy, *(mib(rss[name]) for name in names)), rate
+
+    whole = cpu_between(drain.samples, 0.0, total)
+    busiest = sorted(whole, key=whole.__getitem__, reverse=True)[:3]
 
     rates: list[float] = []
-    rows: list[Row] = [("start", "0", "—", "", "—", *map(mib, drain.start_rss.values()))]
+    rows: list[Row] = [("start", "0", "—", "", "—", "", "", *map(mib, drain.start_rss.values()))]
     accepting, _ = row("accepting", 0.0, drain.accepted_in)
     rows.append((*accepting[:3], "", *accepting[4:]))
     quarter = (total - drain.accepted_in) / 4
@@ -260,7 +302,7 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
         cells, rate = row(f"drain, quarter {k}", start, start + quarter)
         rates.append(rate)
         rows.append(cells)
-    rows.append(("peak", "", "", "", "", *(mib(drain.peak_rss[name]) for name in names)))
+    rows.append(("peak", "", "", "", "", "", "", *(mib(drain.peak_rss[name]) for name in names)))
     ratio = rates[-1] / rates[0]
     flat = abs(ratio - 1) <= FLAT
     milestones = " / ".join(
@@ -299,6 +341,8 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
                     "work done (upserts per s)",
                     "vs first quarter",
                     "ETLs ended",
+                    f"steps ended ({' / '.join(drain.kinds)})",
+                    f"CPU cores busy ({' / '.join(busiest)})",
                     *(f"{name} RSS (MiB)" for name in names),
                 ),
                 rows,
@@ -310,7 +354,11 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
             f"ETL step, outcome recorded: {per_upsert:.0f} per upsert), in upserts' worth per "
             "second. Not the ETLs ended per phase: the dev server hands out tasks first come, "
             "first served, so the backlog's workflows advance together and most ETLs end "
-            f"late. RSS: `VmRSS` at the last poll (every {POLL:g} s) of the phase; start: "
+            "late: *steps ended* shows which steps each phase did. *CPU cores busy*: CPU "
+            "seconds per second of the phase, by process (2: both cores). Attempts beyond "
+            "the first, by step: "
+            + (", ".join(f"{k} {v:,}" for k, v in sorted(drain.retries.items())) or "none")
+            + f". RSS: `VmRSS` at the last poll (every {POLL:g} s) of the phase; start: "
             "before the first PUT; peak: `VmHWM` over the run.",
             "CPU per upsert by process over the whole backlog (ms):",
             table(
