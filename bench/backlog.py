@@ -5,16 +5,16 @@ each to a resource of its own with a `--info-kib` `info` (as in the throughput m
 then it waits until every ETL has ended, counting `etl_status = 'succeeded'` in
 PostgreSQL (`bench.common.count_etls`, as the throughput metric does).
 
-Is the drain rate flat? Not a question the order of completions can answer: the dev
-server hands out tasks first come, first served, so the workflows of a backlog advance
-together, one step per round through the queue, and most of them end in the last
-rounds (in a run of 1,000, a quarter of the ETLs had ended after 99 s, all of them
-after 133 s). So the drain — from the last 202, the whole backlog in, to the last
-ETL's end — is cut into four quarters of *time*, and each quarter's rate is the *work*
-done in it: the steps of the upserts that ended in it — persisted (`persisted_at`),
-each ETL step (`etl_steps[].finished_at`), the outcome recorded (`etl_finished_at`) —
-in upserts' worth per second (steps over steps per upsert). Flat: the last quarter's
-rate within `FLAT` of the first's. The acceptance phase before it (the worker drains
+Is the drain rate flat? The order of completions alone cannot say: a worker that takes
+on more workflows than it can finish at once (the SDK's default slots) lets the
+workflows of a backlog advance together, one step per round through the queue, and most
+of them end in the last rounds. So the drain — from the last 202, the whole backlog
+in, to the last ETL's end — is cut into four quarters of *time*, and each quarter's
+rate is the *work* done in it: the steps of the upserts that ended in it — persisted
+(`persisted_at`), each ETL step (`etl_steps[].finished_at`), the outcome recorded
+(`etl_finished_at`) — in upserts' worth per second (steps over steps per upsert), with
+the steps of each kind that ended in it and the CPU each process used. Flat: the last
+quarter's rate within `FLAT` of the first's. The acceptance phase before it (the worker drains
 already, the API competes for the CPUs) is reported on its own, as are the ETLs ended
 in each phase and when a quarter, half, three quarters and all of them had ended.
 
@@ -352,9 +352,10 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
             "the time from the last 202 to the last ETL's end, the whole backlog in, nothing "
             "else running. *Work done*: the steps that ended in the phase (persisted, each "
             f"ETL step, outcome recorded: {per_upsert:.0f} per upsert), in upserts' worth per "
-            "second. Not the ETLs ended per phase: the dev server hands out tasks first come, "
-            "first served, so the backlog's workflows advance together and most ETLs end "
-            "late: *steps ended* shows which steps each phase did. *CPU cores busy*: CPU "
+            "second, not the ETLs ended per phase: were the backlog's workflows to advance "
+            "together, most ETLs would end late; *steps ended* shows which steps each phase "
+            "did (the same number of each: workflows taken on one after the other, start to "
+            "end). *CPU cores busy*: CPU "
             "seconds per second of the phase, by process (2: both cores). Attempts beyond "
             "the first, by step: "
             + (", ".join(f"{k} {v:,}" for k, v in sorted(drain.retries.items())) or "none")
