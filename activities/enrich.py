@@ -17,7 +17,9 @@ echo the values sent. A retryable answer's `Retry-After` is honoured, but never
 sooner than the step's declared backoff and never longer than
 `MAX_RETRY_AFTER` (`retry_delay`). An answer of 2xx that is not the expected
 JSON fails the attempt as `EnrichmentBadAnswer`, retryable: the request was
-fine, the service's answer was not (like a 5xx).
+fine, the service's answer was not (like a 5xx). So does one with a NUL (`\\u0000`) in
+its fields, which PostgreSQL's `jsonb` cannot store: `load` would fail on it instead,
+on every attempt, with a database error.
 """
 
 from __future__ import annotations
@@ -200,6 +202,8 @@ def _answers(response: httpx.Response, batch: list[dict[str, str]]) -> dict[str,
     if not isinstance(results, list):
         raise _bad_answer(response, "it has no `results` list")
     asked = {item["key"] for item in batch}
+    # JSON can only spell NUL `\u0000` (fast path: no such escape, no NUL anywhere).
+    may_hold_nul = b"\\u0000" in response.content
     merged: dict[str, Any] = {}
     for index, result in enumerate(results):
         key = result.get("key") if isinstance(result, dict) else None
@@ -208,9 +212,29 @@ def _answers(response: httpx.Response, batch: list[dict[str, str]]) -> dict[str,
         fields = result.get("fields") or {}
         if not isinstance(fields, dict):
             raise _bad_answer(response, f"the `fields` of result {index} are not an object")
+        if may_hold_nul and _holds_nul(fields):
+            # PostgreSQL's `jsonb` cannot store it: `load` would fail on every attempt.
+            raise _bad_answer(response, f"the `fields` of result {index} hold a \\u0000")
         for field, value in fields.items():
             merged[f"{key}.{field}"] = value
     return merged
+
+
+def _holds_nul(fields: dict[str, Any]) -> bool:
+    """Whether a key or string anywhere in `fields` has a NUL (iteratively: an answer may
+    nest 1,024 deep)."""
+    pending: list[Any] = [fields]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return True
+        elif isinstance(value, dict):
+            pending.extend(value.keys())
+            pending.extend(value.values())
+        elif isinstance(value, list):
+            pending.extend(value)
+    return False
 
 
 def _bad_answer(response: httpx.Response, reason: str) -> ApplicationError:

@@ -536,6 +536,12 @@ _MALFORMED_2XX: list[tuple[str, bytes | str]] = [
     ("result without key", json.dumps({"results": [{"fields": {"domain": "x"}}]})),
     ("key not sent", json.dumps({"results": [{"key": SECRET, "fields": {}}]})),
     ("fields not an object", json.dumps({"results": [{"key": "contact.email", "fields": [1]}]})),
+    ("nul in a value", json.dumps({"results": [{"key": "contact.email", "fields": {"d": "\0"}}]})),
+    ("a nul in a name", json.dumps({"results": [{"key": "contact.email", "fields": {"\0": 1}}]})),
+    (
+        "a nul deep down",
+        json.dumps({"results": [{"key": "contact.email", "fields": {"d": [{"e": ["\0"]}]}}]}),
+    ),
 ]
 
 
@@ -554,6 +560,9 @@ async def test_a_well_formed_answer_is_merged() -> None:
     assert await _call(_answer(200, json.dumps(body))) == {"contact.email.domain": "ex.com"}
     not_found = {"results": [{"key": "contact.email", "found": False, "fields": None}]}
     assert await _call(_answer(200, json.dumps(not_found))) == {}
+    # The text `\u0000` (a backslash, then "u0000") is no NUL.
+    text = {"results": [{"key": "contact.email", "fields": {"note": "\\u0000"}}]}
+    assert await _call(_answer(200, json.dumps(text))) == {"contact.email.note": "\\u0000"}
 
 
 async def test_the_local_enrichment_services_422_is_classified(enrichment_url: str) -> None:
