@@ -100,7 +100,8 @@ class EnrichActivities:
         if not await self._store.begin(step):
             return superseded_result()
         records = await self._store.read_input(step)
-        items = select_items(records, self._rules)
+        # Off the event loop, like `normalize`: ~0.2 s for the 80,000 records of a 5 MiB info.
+        items = await asyncio.to_thread(select_items, records, self._rules)
         size = self._config.batch_size
         batches = [items[i : i + size] for i in range(0, len(items), size)]
         # Each batch's answers are stored as it is answered: a retried attempt asks only for
