@@ -125,12 +125,9 @@ def bind_activities(
 def enrichment_client(settings: Settings) -> httpx.AsyncClient:
     """The worker's one HTTP client (the enrichment service, webhooks): pooled, with
     timeouts, safe to cancel (`upsertflow.http`)."""
-    limit = settings.enrichment.max_connections
     client = httpx.AsyncClient(
         timeout=settings.enrichment.request_timeout_seconds,
-        transport=CancelSafeTransport(
-            httpx.Limits(max_connections=limit, max_keepalive_connections=limit)
-        ),
+        transport=CancelSafeTransport(settings.enrichment.max_connections),
     )
     tracing.instrument_http_client(client)
     return client

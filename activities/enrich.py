@@ -25,6 +25,7 @@ on every attempt, with a database error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import re
 from collections.abc import Iterable
@@ -44,7 +45,7 @@ from activities.resources import superseded_result
 from upsertflow.contracts import StepInput, StepResult
 from upsertflow.logs import bounded
 from upsertflow.settings import Enrichment
-from upsertflow.store.steps import StepStore
+from upsertflow.store.steps import StepStore, off_loop
 
 #: 4xx answers that are worth retrying: the request itself was fine.
 _RETRYABLE_CLIENT_ERRORS = {408, 409, 425, 429}
@@ -60,8 +61,8 @@ def refused_for_good(status: int) -> bool:
 MAX_RETRY_AFTER = timedelta(minutes=5)
 #: Longest `title` of a problem+json error answer quoted in a failure.
 _TITLE_LIMIT = 80
-#: Records selected in a thread of their own, off the event loop, above this many.
-_SELECT_IN_THREAD_ABOVE = 5_000
+#: Records selected in the event loop up to this many (more: in a thread, `off_loop`).
+_SELECT_INLINE_UP_TO = 5_000
 #: Error bodies longer than this are not parsed for a title.
 _MAX_PARSED_ERROR_BODY = 64 * 1024
 
@@ -102,11 +103,12 @@ class EnrichActivities:
         if not await self._store.begin(step):
             return superseded_result()
         records = await self._store.read_input(step)
-        if len(records) > _SELECT_IN_THREAD_ABOVE:
-            # Off the event loop: ~0.2 s for the 80,000 records of a 5 MiB info.
-            items = await asyncio.to_thread(select_items, records, self._rules)
-        else:  # a thread hop costs more than the few records of most upserts
-            items = select_items(records, self._rules)
+        # Off the event loop for a large input (~0.2 s for the 80,000 records of 5 MiB).
+        items = await off_loop(
+            functools.partial(select_items, rules=self._rules),
+            records,
+            inline=len(records) <= _SELECT_INLINE_UP_TO,
+        )
         size = self._config.batch_size
         batches = [items[i : i + size] for i in range(0, len(items), size)]
         # Each batch's answers are stored as it is answered: a retried attempt asks only for

@@ -262,6 +262,12 @@ async def test_half_the_enrichment_requests_failing_still_ends_succeeded(
     assert etl["enrich"]["attempts"] == stats["requests"] > 1
 
 
+def _worker_client(settings: Settings, max_connections: int) -> httpx.AsyncClient:
+    """The worker's HTTP client (`worker.enrichment_client`) with a pool of `max_connections`."""
+    enrichment = settings.enrichment.model_copy(update={"max_connections": max_connections})
+    return enrichment_client(settings.model_copy(update={"enrichment": enrichment}))
+
+
 async def _ask(http: httpx.AsyncClient, url: str, **kwargs: Any) -> httpx.Response:
     items = [{"key": "site", "kind": "country_code", "value": "FR"}]
     return await http.post(f"{url}/v1/enrich", json={"items": items}, **kwargs)
@@ -276,11 +282,8 @@ async def test_cancelled_requests_never_leave_the_worker_unable_to_reach_the_ser
     # pool timeout while the service was idle.
     url = settings.enrichment.url
     await enrichment.put("/_faults", json={"latency_ms": 2})
-    tight = settings.model_copy(
-        update={"enrichment": settings.enrichment.model_copy(update={"max_connections": 2})}
-    )
     rounds = random.Random(1)
-    async with enrichment_client(tight) as http:
+    async with _worker_client(settings, max_connections=2) as http:
         for _ in range(150):
             asks = [asyncio.ensure_future(_ask(http, url)) for _ in range(rounds.randint(1, 8))]
             await asyncio.sleep(rounds.random() * 0.01)
@@ -298,10 +301,7 @@ async def test_a_request_that_finds_every_connection_busy_waits_at_most_its_pool
     settings: Settings, enrichment: httpx.AsyncClient
 ) -> None:
     url = settings.enrichment.url
-    one = settings.model_copy(
-        update={"enrichment": settings.enrichment.model_copy(update={"max_connections": 1})}
-    )
-    async with enrichment_client(one) as http:
+    async with _worker_client(settings, max_connections=1) as http:
         hanging = asyncio.ensure_future(_ask(http, url, headers={"X-Fault-Hang": "1"}, timeout=1.0))
 
         async def in_flight() -> int | None:

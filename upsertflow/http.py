@@ -24,11 +24,15 @@ import httpx
 
 
 class CancelSafeTransport(httpx.AsyncBaseTransport):
-    """`httpx.AsyncHTTPTransport` with `limits`, safe to cancel (see the module)."""
+    """`httpx.AsyncHTTPTransport` with `max_connections` (all kept alive), safe to cancel
+    (see the module)."""
 
-    def __init__(self, limits: httpx.Limits) -> None:
+    def __init__(self, max_connections: int) -> None:
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._pool = httpx.AsyncHTTPTransport(limits=limits)
-        self._turns = asyncio.Semaphore(limits.max_connections or 100)
+        self._turns = asyncio.Semaphore(max_connections)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         pool_timeout = request.extensions.get("timeout", {}).get("pool")
@@ -37,11 +41,7 @@ class CancelSafeTransport(httpx.AsyncBaseTransport):
                 await self._turns.acquire()
         except TimeoutError:
             raise httpx.PoolTimeout("no connection free in time", request=request) from None
-        try:
-            exchange = asyncio.ensure_future(self._exchange(request))
-        except BaseException:
-            self._turns.release()
-            raise
+        exchange = asyncio.ensure_future(self._exchange(request))
         exchange.add_done_callback(self._done)
         return await asyncio.shield(exchange)
 
