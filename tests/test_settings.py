@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
-from pydantic import BaseModel, SecretStr
+from pydantic import BaseModel, SecretStr, ValidationError
 
 from upsertflow.settings import Settings
 
@@ -100,3 +100,23 @@ def test_secrets_never_print(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(settings.database_url, SecretStr)
     assert "hunter2" not in repr(settings) and "hunter2" not in str(settings.model_dump())
     assert "hunter2" in settings.database_url.get_secret_value()
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        # Each would leave a worker that takes work and can never do it: no HTTP
+        # connection, no batch in flight, no slot.
+        ("UPSERTFLOW_ENRICHMENT__MAX_CONNECTIONS", "0"),
+        ("UPSERTFLOW_ENRICHMENT__CONCURRENCY", "0"),
+        ("UPSERTFLOW_WORKER__MAX_CONCURRENT_ACTIVITIES", "0"),
+        ("UPSERTFLOW_WORKER__MAX_CONCURRENT_WORKFLOW_TASKS", "1"),
+        ("UPSERTFLOW_WORKER__MAX_CONCURRENT_LOCAL_ACTIVITIES", "0"),
+    ],
+)
+def test_values_that_would_wedge_a_worker_are_refused_at_start(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ValidationError, match="greater than or equal to"):
+        Settings(_env_file=None)

@@ -88,7 +88,7 @@ class Enrichment(BaseModel):
     #: Batches of one `enrich` in flight at once (each stored as it is answered).
     concurrency: int = Field(default=4, ge=1, le=64)
     request_timeout_seconds: float = 5.0
-    max_connections: int = 20
+    max_connections: int = Field(default=20, ge=1)
 
 
 class Janitor(BaseModel):
