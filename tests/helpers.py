@@ -8,10 +8,26 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
+from sqlalchemy import Text, text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from api.security import Scope
 from api.tokens import mint
 from upsertflow.settings import Settings
+
+#: Every record of the contexts of some resources, from their chunks (where a load writes
+#: them: `resource_contexts.records` stays NULL).
+_CONTEXT_RECORDS = text("""
+    SELECT context.resource_id,
+           coalesce(jsonb_object_agg(record.key, record.value)
+                    FILTER (WHERE record.key IS NOT NULL), '{}') AS records
+    FROM resource_contexts AS context
+    LEFT JOIN resource_context_chunks AS chunk ON chunk.resource_id = context.resource_id
+    LEFT JOIN LATERAL jsonb_each(chunk.records) AS record ON true
+    WHERE context.resource_id = ANY(CAST(:ids AS text[]))
+    GROUP BY context.resource_id
+""").columns(resource_id=Text, records=JSONB)
 
 TERMINAL = {"succeeded", "failed", "superseded", "cancelled"}
 T = TypeVar("T")
@@ -109,3 +125,11 @@ def wait_for_etl_sync(
         return eventually_sync(probe, f"the ETL of {resource_id} v{version} to end", within)
     except AssertionError as timeout:
         raise AssertionError(f"{timeout}; last seen: {seen}") from None
+
+
+async def context_records(
+    connection: AsyncConnection | AsyncSession, *resource_ids: str
+) -> dict[str, dict[str, Any]]:
+    """The records of the resources' contexts as stored, by resource (those with one)."""
+    rows = await connection.execute(_CONTEXT_RECORDS, {"ids": list(resource_ids)})
+    return {row.resource_id: row.records for row in rows}

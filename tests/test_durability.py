@@ -30,7 +30,7 @@ from sqlalchemy.pool import NullPool
 from temporalio.client import Client
 
 from devstack import Stack, StackConfig
-from tests.helpers import eventually, wait_for_etl
+from tests.helpers import context_records, eventually, wait_for_etl
 from upsertflow import temporal
 from upsertflow.models import Resource, ResourceContext, ResourceVersion, StepOutput
 
@@ -242,13 +242,10 @@ async def stored(stack: Stack, resource_id: str) -> Stored:
                     .order_by(ResourceVersion.version)
                 )
             ).all()
-            context = (
-                await connection.execute(
-                    select(ResourceContext.version, ResourceContext.records).where(
-                        ResourceContext.resource_id == resource_id
-                    )
-                )
-            ).one_or_none()
+            context = await connection.scalar(
+                select(ResourceContext.version).where(ResourceContext.resource_id == resource_id)
+            )
+            records = (await context_records(connection, resource_id)).get(resource_id)
             step_outputs = await connection.scalar(
                 select(func.count()).where(StepOutput.resource_id == resource_id)
             )
@@ -258,8 +255,8 @@ async def stored(stack: Stack, resource_id: str) -> Stored:
     return Stored(
         version=version,
         versions=[row.version for row in versions],
-        context_version=context.version if context else None,
-        context=context.records if context else None,
+        context_version=context,
+        context=records,
         etl_status=versions[-1].etl_status,
         steps={step["name"]: step for step in versions[-1].etl_steps},
         step_outputs=step_outputs or 0,

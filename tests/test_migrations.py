@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from devstack import REPO_ROOT
+from tests.helpers import context_records
 
 
 def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
@@ -84,3 +86,54 @@ async def test_contexts_loaded_before_record_counts_are_counted_by_the_migration
         )
     await engine.dispose()
     assert (count, nullable) == (3, "NO")
+
+
+async def test_contexts_loaded_whole_read_the_same_after_0007_and_come_back_on_downgrade(
+    empty_database: str,
+) -> None:
+    # Before 0007 a load wrote the records whole (and the trigger chunked them); since, it
+    # writes the chunks only. Both kinds read alike, and a downgrade makes them whole again.
+    assert alembic(empty_database, "upgrade", "0006").returncode == 0
+    engine = create_async_engine(empty_database)
+    whole = {"a": 1, "b.c": "x"}
+    chunked = {"k": True}
+    insert_context = (
+        "INSERT INTO resource_contexts (resource_id, version, records, loaded_at, record_count) "
+        "VALUES (:id, 1, CAST(:records AS jsonb), now(), :count)"
+    )
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO resources (id, version, attributes, created_at, updated_at) "
+                "VALUES ('whole', 1, '{}', now(), now()), ('chunked', 1, '{}', now(), now())"
+            )
+        )
+        await connection.execute(
+            text(insert_context), {"id": "whole", "records": json.dumps(whole), "count": 2}
+        )
+
+    upgraded = alembic(empty_database, "upgrade", "head")
+    assert upgraded.returncode == 0, upgraded.stderr[-3000:]
+    async with engine.begin() as connection:
+        # As a load writes it now: records NULL (the trigger leaves it), its chunk beside.
+        await connection.execute(
+            text(insert_context), {"id": "chunked", "records": None, "count": 1}
+        )
+        await connection.execute(
+            text("INSERT INTO resource_context_chunks VALUES ('chunked', 'k', 1, '{\"k\": true}')")
+        )
+    async with engine.connect() as connection:
+        after = await context_records(connection, "whole", "chunked")
+    assert after == {"whole": whole, "chunked": chunked}
+
+    downgraded = alembic(empty_database, "downgrade", "0006")
+    assert downgraded.returncode == 0, downgraded.stderr[-3000:]
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text("SELECT resource_id, records FROM resource_contexts ORDER BY resource_id")
+        )
+        back = {row.resource_id: row.records for row in rows}
+        chunks = await connection.scalar(text("SELECT count(*) FROM resource_context_chunks"))
+    await engine.dispose()
+    assert back == {"chunked": chunked, "whole": whole}
+    assert chunks == 2  # each context's chunk, as the trigger of 0004 writes them

@@ -124,7 +124,8 @@ class StepOutput(Base):
 
 
 class ResourceContext(Base):
-    """The ETL output (records) of the latest loaded version of a resource."""
+    """The ETL output of the latest loaded version of a resource: its records are in its
+    chunks (`ResourceContextChunk`)."""
 
     __tablename__ = "resource_contexts"
 
@@ -132,7 +133,9 @@ class ResourceContext(Base):
         Text, ForeignKey("resources.id", ondelete="CASCADE"), primary_key=True
     )
     version: Mapped[int] = mapped_column(Integer)
-    records: Mapped[dict[str, Any]] = mapped_column(JSONB)
+    #: The records as one object: NULL since migration 0007 (a load writes the chunks
+    #: only). Written, it is chunked by the trigger of 0004 (contexts loaded before).
+    records: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     loaded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     #: The workflow run that loaded it: a retried `load` of that run finds its work done.
     run_id: Mapped[str | None] = mapped_column(Text)
@@ -145,8 +148,9 @@ class ResourceContext(Base):
 class ResourceContextChunk(Base):
     """A context's records in path order, 1,000 to a chunk: what pages of it are read from.
 
-    Written by a trigger on `resource_contexts` (migration 0004) whenever a context
-    is, so they always agree with `ResourceContext.records`.
+    Written with the context, in the same transaction: by the load (cut by the worker,
+    `upsertflow.store.versions.load_context`), or by the trigger of migration 0004 from
+    `ResourceContext.records` where a writer sets those.
     """
 
     __tablename__ = "resource_context_chunks"

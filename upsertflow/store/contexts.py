@@ -1,14 +1,12 @@
 """Reading resource contexts (the ETL's output) without loading a large one whole.
 
-A context is one `jsonb` object of records (dotted path -> value), and its size
-`record_count`.
-Pages of it are cut by PostgreSQL, in path order (`COLLATE "C"`: UTF-8 byte order,
-which is also Python's `str` order): after a path, under a prefix or among chosen
-paths, at most `limit` records. They are read from the context's chunks
-(`ResourceContextChunk`: its records in path order, 1,000 a row, written by a
-trigger with the context), so a page costs what it returns plus a chunk at most
-(for chosen paths: the chunks that hold them), whatever the size of the context.
-Only the page travels to Python, as one JSON object.
+A context is a map of records (dotted path -> value), and its size `record_count`.
+Its records are kept in chunks (`ResourceContextChunk`: in path order, 1,000 a row,
+written with the context by the load). Pages of it are cut by PostgreSQL, in path
+order (`COLLATE "C"`: UTF-8 byte order, which is also Python's `str` order): after
+a path, under a prefix or among chosen paths, at most `limit` records. A page costs
+what it returns plus a chunk at most (for chosen paths: the chunks that hold them),
+whatever the size of the context. Only the page travels to Python, as one JSON object.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ functions fence on them.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +34,7 @@ from upsertflow.models import (
     StepOutput,
     persisted_from,
 )
-from upsertflow.store.steps import OWNS_ETL, missing_blob
+from upsertflow.store.steps import INLINE_BYTES, OWNS_ETL, decode_object, missing_blob, off_loop
 
 
 class RequestWithdrawn(Exception):
@@ -178,43 +179,79 @@ async def claim_version(
 
 
 #: Where the context of a resource stands for a load of `:version` by the run `:run_id`
-#: of `:workflow_id`; the resource locked: loads of one resource follow each other.
+#: of `:workflow_id`, and the step output to load; the resource locked: loads of one
+#: resource follow each other.
 _LOAD_CHECK = text(f"""
     SELECT resource.version = :version AND {OWNS_ETL} AS owned,
            context.version AS loaded,
            coalesce(context.version = :version AND context.run_id = :run_id, false) AS ours,
-           context.record_count
+           context.record_count,
+           output.body
     FROM resources AS resource
     LEFT JOIN resource_contexts AS context ON context.resource_id = resource.id
+    LEFT JOIN etl_step_outputs AS output
+      ON output.resource_id = resource.id AND output.version = :version AND output.step = :step
     WHERE resource.id = :resource_id
     FOR UPDATE OF resource
 """)
-#: The context from a step's stored output, parsed by PostgreSQL: the records never pass
-#: through Python (decoding and re-encoding 100,000 of them cost the worker ~0.5 s). The
-#: version's step outputs are done with: deleted (the insert reads them as they were).
+#: The context's row (its records go in its chunks), its chunks of before gone; and the
+#: version's step outputs, done with.
 _LOAD = text("""
-    WITH output AS (
-        SELECT convert_from(body, 'UTF8')::jsonb AS records
-        FROM etl_step_outputs
-        WHERE resource_id = :resource_id AND version = :version AND step = :step
+    WITH old_chunks AS (
+        DELETE FROM resource_context_chunks WHERE resource_id = :resource_id
     ), done_with AS (
         DELETE FROM etl_step_outputs WHERE resource_id = :resource_id AND version = :version
     )
     INSERT INTO resource_contexts AS context
         (resource_id, version, records, loaded_at, run_id, record_count, pipeline_version)
-    SELECT CAST(:resource_id AS text), CAST(:version AS integer), output.records, now(),
-           CAST(:run_id AS text), (SELECT count(*) FROM jsonb_object_keys(output.records)),
-           CAST(:pipeline_version AS integer)
-    FROM output
+    VALUES (:resource_id, :version, NULL, now(), :run_id, :record_count, :pipeline_version)
     ON CONFLICT (resource_id) DO UPDATE SET
         version = excluded.version,
-        records = excluded.records,
+        records = NULL,
         loaded_at = excluded.loaded_at,
         run_id = excluded.run_id,
         record_count = excluded.record_count,
         pipeline_version = excluded.pipeline_version
-    RETURNING context.record_count
 """)
+#: The context's chunks, cut by `chunked`: each one's records parsed by PostgreSQL.
+_LOAD_CHUNKS = text("""
+    INSERT INTO resource_context_chunks (resource_id, last_path, record_count, records)
+    SELECT CAST(:resource_id AS text), chunk.last_path, chunk.record_count,
+           CAST(chunk.records AS jsonb)
+    FROM unnest(CAST(:last_paths AS text[]), CAST(:counts AS integer[]),
+                CAST(:records AS text[])) AS chunk(last_path, record_count, records)
+""")
+
+#: The records of a context's chunk (the last one's: fewer). A page of the context reads
+#: the chunks it needs (`upsertflow.store.contexts`), whatever the context's size.
+CHUNK_RECORDS = 1_000
+
+
+@dataclass(frozen=True)
+class Chunks:
+    """A context's records in path order (`COLLATE "C"`: Python's `str` order), cut in
+    chunks of `CHUNK_RECORDS`: each one's last path, number of records, records as JSON."""
+
+    last_paths: list[str]
+    counts: list[int]
+    records: list[str]
+
+    @property
+    def record_count(self) -> int:
+        return sum(self.counts)
+
+
+def chunked(body: bytes) -> Chunks:
+    """The chunks of the records a step stored (a JSON object of path -> value)."""
+    records = decode_object(body)
+    paths = sorted(records)
+    chunks = Chunks([], [], [])
+    for start in range(0, len(paths), CHUNK_RECORDS):
+        part = paths[start : start + CHUNK_RECORDS]
+        chunks.last_paths.append(part[-1])
+        chunks.counts.append(len(part))
+        chunks.records.append(orjson.dumps({path: records[path] for path in part}).decode())
+    return chunks
 
 
 class OutputMissing(Exception):
@@ -236,12 +273,17 @@ async def load_context(
     None (nothing written) if the version is no longer current, its ETL is no longer this
     workflow's, or a newer version's context is loaded; a new run of the same version (an
     ETL retry) replaces the context. Raises `OutputMissing` if there is nothing to load.
+
+    The worker cuts the records in chunks (a thread for a large output) and PostgreSQL
+    parses each: cutting them in SQL (expanding, sorting and aggregating every record) cost
+    PostgreSQL ~0.9 s for a 5 MiB input, this ~0.15 s and the worker ~0.1 s.
     """
     params = {
         "resource_id": resource_id,
         "version": version,
         "workflow_id": workflow_id,
         "run_id": run_id,
+        "step": source_step,
     }
     async with transactions(sessions).begin() as connection:
         state = (await connection.execute(_LOAD_CHECK, params)).one_or_none()
@@ -250,19 +292,30 @@ async def load_context(
             return count
         if state is None or not state.owned or (state.loaded or 0) > version:
             return None
-        loaded: int | None = await connection.scalar(
+        if state.body is None:
+            raise OutputMissing(f"{source_step} of {resource_id} v{version}")
+        chunks = await off_loop(chunked, state.body, inline=len(state.body) <= INLINE_BYTES)
+        await connection.execute(
             _LOAD,
             {
                 "resource_id": resource_id,
                 "version": version,
                 "run_id": run_id,
-                "step": source_step,
+                "record_count": chunks.record_count,
                 "pipeline_version": pipeline_version,
             },
         )
-        if loaded is None:
-            raise OutputMissing(f"{source_step} of {resource_id} v{version}")
-        return loaded
+        if chunks.counts:
+            await connection.execute(
+                _LOAD_CHUNKS,
+                {
+                    "resource_id": resource_id,
+                    "last_paths": chunks.last_paths,
+                    "counts": chunks.counts,
+                    "records": chunks.records,
+                },
+            )
+        return chunks.record_count
 
 
 #: How a version's ETL ended, if `:workflow_id` still owns it.
