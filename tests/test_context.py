@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
+import orjson
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -16,6 +17,7 @@ from temporalio.worker import Worker
 from tests.helpers import wait_for_etl
 from upsertflow.models import Resource, ResourceContext, ResourceContextChunk
 from upsertflow.settings import Limits
+from upsertflow.store.versions import chunked, store_chunks
 
 INLINE = Limits().max_inline_context_records
 PROBLEM = "application/problem+json"
@@ -221,7 +223,8 @@ async def test_pages_and_selections_match_a_model_of_the_context(
 async def _store_context(
     sessions: async_sessionmaker[AsyncSession], resource_id: str, records: dict[str, Any]
 ) -> None:
-    """A resource and its context as a load stores them, without an ETL."""
+    """A resource and its context as a load stores them (in the worker's chunks), without
+    an ETL."""
     now = datetime.now(UTC)
     async with sessions.begin() as session:
         session.add(
@@ -230,13 +233,11 @@ async def _store_context(
         await session.flush()
         session.add(
             ResourceContext(
-                resource_id=resource_id,
-                version=1,
-                records=records,
-                loaded_at=now,
-                record_count=len(records),
+                resource_id=resource_id, version=1, loaded_at=now, record_count=len(records)
             )
         )
+        await session.flush()
+        await store_chunks(await session.connection(), resource_id, chunked(orjson.dumps(records)))
 
 
 async def test_no_context_yet_and_no_resource_are_404s(

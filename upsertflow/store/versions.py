@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from sqlalchemy import delete, exists, func, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from upsertflow.contracts import (
     IN_FLIGHT,
@@ -305,17 +305,22 @@ async def load_context(
                 "pipeline_version": pipeline_version,
             },
         )
-        if chunks.counts:
-            await connection.execute(
-                _LOAD_CHUNKS,
-                {
-                    "resource_id": resource_id,
-                    "last_paths": chunks.last_paths,
-                    "counts": chunks.counts,
-                    "records": chunks.records,
-                },
-            )
+        await store_chunks(connection, resource_id, chunks)
         return chunks.record_count
+
+
+async def store_chunks(connection: AsyncConnection, resource_id: str, chunks: Chunks) -> None:
+    """Write the chunks of the resource's context (its row written, its old chunks gone)."""
+    if chunks.counts:
+        await connection.execute(
+            _LOAD_CHUNKS,
+            {
+                "resource_id": resource_id,
+                "last_paths": chunks.last_paths,
+                "counts": chunks.counts,
+                "records": chunks.records,
+            },
+        )
 
 
 #: How a version's ETL ended, if `:workflow_id` still owns it.
