@@ -8,26 +8,14 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import httpx
-from sqlalchemy import Text, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from api.security import Scope
 from api.tokens import mint
+from upsertflow.models import ResourceContext
 from upsertflow.settings import Settings
-
-#: Every record of the contexts of some resources, from their chunks (where a load writes
-#: them: `resource_contexts.records` stays NULL).
-_CONTEXT_RECORDS = text("""
-    SELECT context.resource_id,
-           coalesce(jsonb_object_agg(record.key, record.value)
-                    FILTER (WHERE record.key IS NOT NULL), '{}') AS records
-    FROM resource_contexts AS context
-    LEFT JOIN resource_context_chunks AS chunk ON chunk.resource_id = context.resource_id
-    LEFT JOIN LATERAL jsonb_each(chunk.records) AS record ON true
-    WHERE context.resource_id = ANY(CAST(:ids AS text[]))
-    GROUP BY context.resource_id
-""").columns(resource_id=Text, records=JSONB)
+from upsertflow.store.contexts import ALL_RECORDS
 
 TERMINAL = {"succeeded", "failed", "superseded", "cancelled"}
 T = TypeVar("T")
@@ -131,5 +119,9 @@ async def context_records(
     connection: AsyncConnection | AsyncSession, *resource_ids: str
 ) -> dict[str, dict[str, Any]]:
     """The records of the resources' contexts as stored, by resource (those with one)."""
-    rows = await connection.execute(_CONTEXT_RECORDS, {"ids": list(resource_ids)})
-    return {row.resource_id: row.records for row in rows}
+    rows = await connection.execute(
+        select(ResourceContext.resource_id, ALL_RECORDS).where(
+            ResourceContext.resource_id.in_(resource_ids)
+        )
+    )
+    return {resource_id: records for resource_id, records in rows}

@@ -17,6 +17,12 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from devstack import REPO_ROOT
 from tests.helpers import context_records
 
+#: A resource at version 1, for the rows a migration carries across.
+_INSERT_RESOURCE = text(
+    "INSERT INTO resources (id, version, attributes, created_at, updated_at) "
+    "VALUES (:id, 1, '{}', now(), now())"
+)
+
 
 def alembic(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -60,12 +66,7 @@ async def test_contexts_loaded_before_record_counts_are_counted_by_the_migration
     assert alembic(empty_database, "upgrade", "0004").returncode == 0
     engine = create_async_engine(empty_database)
     async with engine.begin() as connection:
-        await connection.execute(
-            text(
-                "INSERT INTO resources (id, version, attributes, created_at, updated_at) "
-                "VALUES ('r1', 1, '{}', now(), now())"
-            )
-        )
+        await connection.execute(_INSERT_RESOURCE, [{"id": "r1"}])
         await connection.execute(
             text(
                 "INSERT INTO resource_contexts (resource_id, version, records, loaded_at) "
@@ -102,12 +103,7 @@ async def test_contexts_loaded_whole_read_the_same_after_0007_and_come_back_on_d
         "VALUES (:id, 1, CAST(:records AS jsonb), now(), :count)"
     )
     async with engine.begin() as connection:
-        await connection.execute(
-            text(
-                "INSERT INTO resources (id, version, attributes, created_at, updated_at) "
-                "VALUES ('whole', 1, '{}', now(), now()), ('chunked', 1, '{}', now(), now())"
-            )
-        )
+        await connection.execute(_INSERT_RESOURCE, [{"id": "whole"}, {"id": "chunked"}])
         await connection.execute(
             text(insert_context), {"id": "whole", "records": json.dumps(whole), "count": 2}
         )

@@ -15,9 +15,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Integer, text
+from sqlalchemy import JSON, DateTime, Integer, ScalarSelect, func, literal, select, text, true
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.selectable import TextualSelect
+
+from upsertflow.models import ResourceContext, ResourceContextChunk
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,23 @@ class ContextPage:
     records: dict[str, Any]  # path -> value, in path order
     more: bool  # whether more records follow (that the same filters select)
 
+
+_record = func.jsonb_each(ResourceContextChunk.records).table_valued("key", "value")
+#: Every record of the context in the enclosing query (a `resource_contexts` row), as one
+#: object from its chunks: for a small context only (a large one is read page by page).
+ALL_RECORDS: ScalarSelect[Any] = (
+    select(
+        func.coalesce(
+            func.jsonb_object_agg(_record.c.key, _record.c.value, type_=JSONB),
+            literal({}, JSONB),
+            type_=JSONB,
+        )
+    )
+    .select_from(ResourceContextChunk)
+    .join(_record, true())
+    .where(ResourceContextChunk.resource_id == ResourceContext.resource_id)
+    .scalar_subquery()
+)
 
 #: The records a page may hold: of the requested load, after the cursor, under the prefix.
 _PAGE_FILTER = """

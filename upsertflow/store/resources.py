@@ -6,20 +6,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import case, func, literal, or_, select, true
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import case, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from upsertflow.contracts import EtlStatus, Persisted
 from upsertflow.models import (
     Resource,
     ResourceContext,
-    ResourceContextChunk,
     ResourceVersion,
     is_current_version,
     persisted_from,
 )
-from upsertflow.store.contexts import ContextLoad, ContextSummary
+from upsertflow.store.contexts import ALL_RECORDS, ContextLoad, ContextSummary
 
 
 @dataclass(frozen=True)
@@ -55,21 +53,6 @@ async def read_resource(
 ) -> ResourceRead | None:
     """Return the resource with its context's records if it has at most `max_inline_records`."""
     count = ResourceContext.record_count
-    # From the context's chunks (where its records are), only if it is small enough.
-    record = func.jsonb_each(ResourceContextChunk.records).table_valued("key", "value")
-    inline = (
-        select(
-            func.coalesce(
-                func.jsonb_object_agg(record.c.key, record.c.value, type_=JSONB),
-                literal({}, JSONB),
-                type_=JSONB,
-            )
-        )
-        .select_from(ResourceContextChunk)
-        .join(record, true())
-        .where(ResourceContextChunk.resource_id == Resource.id)
-        .scalar_subquery()
-    )
     row = (
         await session.execute(
             select(
@@ -79,7 +62,7 @@ async def read_resource(
                 ResourceContext.loaded_at,
                 count,
                 ResourceContext.pipeline_version,
-                case((count <= max_inline_records, inline)),
+                case((count <= max_inline_records, ALL_RECORDS)),
             )
             .join(ResourceVersion, is_current_version())
             .outerjoin(ResourceContext, ResourceContext.resource_id == Resource.id)

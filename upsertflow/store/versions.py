@@ -179,8 +179,9 @@ async def claim_version(
 
 
 #: Where the context of a resource stands for a load of `:version` by the run `:run_id`
-#: of `:workflow_id`, and the step output to load; the resource locked: loads of one
-#: resource follow each other.
+#: of `:workflow_id`, and the step output to load (only while the version is current: a
+#: superseded load fetches no document); the resource locked: loads of one resource
+#: follow each other.
 _LOAD_CHECK = text(f"""
     SELECT resource.version = :version AND {OWNS_ETL} AS owned,
            context.version AS loaded,
@@ -191,6 +192,7 @@ _LOAD_CHECK = text(f"""
     LEFT JOIN resource_contexts AS context ON context.resource_id = resource.id
     LEFT JOIN etl_step_outputs AS output
       ON output.resource_id = resource.id AND output.version = :version AND output.step = :step
+     AND resource.version = :version
     WHERE resource.id = :resource_id
     FOR UPDATE OF resource
 """)
