@@ -100,10 +100,13 @@ class EnrichActivities:
     async def enrich(self, step: StepInput) -> StepResult:
         """Enrich the version's records through the enrichment service."""
         info = activity.info()
-        if not await self._store.begin(step):
+        prefix = f"{step.step}.batch."
+        # The batches an earlier attempt stored come with the input, in the same statement.
+        begun = await self._store.begin(step, saved=prefix)
+        if begun is None:
             return superseded_result()
-        records = await self._store.read_input(step)
-        # Off the event loop for a large input (~0.2 s for the 80,000 records of 5 MiB).
+        records = begun.input
+        # Off the event loop for a large input (~0.1 s for the 70,000 records of 5 MiB).
         items = await off_loop(
             functools.partial(select_items, rules=self._rules),
             records,
@@ -114,8 +117,9 @@ class EnrichActivities:
         # Each batch's answers are stored as it is answered: a retried attempt asks only for
         # the batches not stored yet. (Heartbeats report the same progress, but the SDK
         # throttles them: a worker killed between two may not have sent the last one.)
-        prefix = f"{step.step}.batch."
-        stored = await self._store.read_all(step, prefix)
+        # The batch that completes the step is not: its answers go straight into the
+        # step's output, stored next (an attempt that dies in between asks for it again).
+        stored = begun.saved
         merged: dict[str, Any] = {}
         for answers in stored.values():
             merged.update(answers)
@@ -128,7 +132,8 @@ class EnrichActivities:
             nonlocal done
             for index in todo:  # shared by every `ask`: each batch is asked for once
                 answers = await self._call(batches[index])
-                if not await self._store.write(step, answers, name=f"{prefix}{index}"):
+                last = done + 1 == len(batches)
+                if not last and not await self._store.write(step, answers, f"{prefix}{index}"):
                     return False
                 merged.update(answers)
                 done += 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import orjson
@@ -43,29 +44,43 @@ OWNS_ETL = """EXISTS (
 
 # Every step runs these: plain SQL, prepared once per connection, with nothing for
 # SQLAlchemy to build or compile per call (that cost the worker more than the queries).
+
+#: A step begins: the version's ETL marked running (by this run), behind the fence, and
+#: in the same statement its input read — the version's raw `info` for the first step
+#: (`:previous` NULL), else the output of step `:previous` — with what an earlier attempt
+#: stored under names starting with `:prefix` (its checkpoints; none if NULL). No row: the
+#: version was superseded or its ETL taken over. One round trip where there were three.
 _BEGIN = text(f"""
-    UPDATE resource_versions SET
-        etl_status = CASE WHEN etl_status = '{EtlStatus.PENDING}' THEN '{EtlStatus.RUNNING}'
-                          ELSE etl_status END,
-        etl_started_at = CASE WHEN etl_status = '{EtlStatus.PENDING}' THEN now()
-                              ELSE etl_started_at END,
-        etl_run_id = :run_id
-    WHERE resource_id = :resource_id AND version = :version AND {OWNS_ETL}
-    RETURNING version
-""")
-_READ_INFO = text("""
-    SELECT version.blob_digest, blob.body
-    FROM resource_versions AS version
-    LEFT JOIN blobs AS blob ON blob.digest = version.blob_digest
-    WHERE version.resource_id = :resource_id AND version.version = :version
+    WITH begun AS (
+        UPDATE resource_versions SET
+            etl_status = CASE WHEN etl_status = '{EtlStatus.PENDING}'
+                              THEN '{EtlStatus.RUNNING}' ELSE etl_status END,
+            etl_started_at = CASE WHEN etl_status = '{EtlStatus.PENDING}' THEN now()
+                                  ELSE etl_started_at END,
+            etl_run_id = :run_id
+        WHERE resource_id = :resource_id AND version = :version AND {OWNS_ETL}
+        RETURNING blob_digest
+    )
+    SELECT begun.blob_digest,
+           CASE WHEN CAST(:previous AS text) IS NULL
+                THEN (SELECT blob.body FROM blobs AS blob WHERE blob.digest = begun.blob_digest)
+                ELSE (SELECT output.body FROM etl_step_outputs AS output
+                      WHERE output.resource_id = :resource_id AND output.version = :version
+                        AND output.step = :previous)
+           END AS input,
+           saved.steps AS saved_steps,
+           saved.bodies AS saved_bodies
+    FROM begun
+    CROSS JOIN LATERAL (
+        SELECT array_agg(output.step) AS steps, array_agg(output.body) AS bodies
+        FROM etl_step_outputs AS output
+        WHERE output.resource_id = :resource_id AND output.version = :version
+          AND starts_with(output.step, CAST(:prefix AS text))
+    ) AS saved
 """)
 _READ = text("""
     SELECT body FROM etl_step_outputs
     WHERE resource_id = :resource_id AND version = :version AND step = :step
-""")
-_READ_ALL = text("""
-    SELECT step, body FROM etl_step_outputs
-    WHERE resource_id = :resource_id AND version = :version AND starts_with(step, :prefix)
 """)
 _WRITE = text(f"""
     INSERT INTO etl_step_outputs (resource_id, version, step, body)
@@ -73,6 +88,17 @@ _WRITE = text(f"""
     WHERE {OWNS_ETL}
     ON CONFLICT (resource_id, version, step) DO UPDATE SET body = excluded.body
 """)
+
+
+@dataclass(frozen=True)
+class Begun:
+    """A step that began: its input, decoded, and what an earlier attempt saved."""
+
+    input: dict[str, Any]
+    #: The input's size as stored (JSON): what decoding it cost, and working on it costs.
+    input_bytes: int
+    #: What was stored under the names asked for (`begin`'s `saved`), by name.
+    saved: dict[str, dict[str, Any]]
 
 
 def _version_of(step: StepInput) -> dict[str, Any]:
@@ -90,50 +116,43 @@ class StepStore:
         # Every statement here stands alone: no transaction round trips around it.
         return single_statements(self.sessions)
 
-    async def begin(self, step: StepInput) -> bool:
-        """Mark the version's ETL as running; False if it was superseded or taken over.
+    async def begin(self, step: StepInput, saved: str | None = None) -> Begun | None:
+        """Mark the version's ETL as running and read the step's input; None if the version
+        was superseded or its ETL taken over.
 
-        One statement: the fence (`OWNS_ETL`) and the update together. A reset workflow
-        goes on in a new run: the version points at the run at work.
+        One statement: the fence (`OWNS_ETL`), the update and the reads together. A reset
+        workflow goes on in a new run: the version points at the run at work. `saved`: also
+        return what was stored under names starting with it (an earlier attempt's
+        checkpoints).
         """
         info = activity.info()
-        params = {**_version_of(step), "workflow_id": info.workflow_id}
+        params = {
+            **_version_of(step),
+            "workflow_id": info.workflow_id,
+            "run_id": info.workflow_run_id,
+            "previous": step.previous_step,
+            "prefix": saved,
+        }
         async with self._engine.connect() as connection:
-            updated = await connection.scalar(_BEGIN, {**params, "run_id": info.workflow_run_id})
-        return updated is not None
-
-    async def read_input(self, step: StepInput) -> dict[str, Any]:
-        """Return the previous step's output, or the version's raw `info` for the first step."""
-        if step.previous_step is None:
-            async with self._engine.connect() as connection:
-                row = (await connection.execute(_READ_INFO, _version_of(step))).one_or_none()
-            if row is None:
-                raise ApplicationError(
-                    f"resource {step.resource_id} v{step.version} no longer exists",
-                    type="VersionGone",
-                    non_retryable=True,
-                )
-            if row.body is None:
+            row = (await connection.execute(_BEGIN, params)).one_or_none()
+        if row is None:
+            return None
+        if row.input is None:
+            if step.previous_step is None:
                 raise missing_blob(row.blob_digest)
-            return await decoded(row.body)
-        output = await self.read(step, step.previous_step)
-        if output is None:
             raise missing_output(step, step.previous_step)
-        return output
+        saved_outputs = zip(row.saved_steps or (), row.saved_bodies or (), strict=True)
+        return Begun(
+            input=await decoded(row.input),
+            input_bytes=len(row.input),
+            saved={name: await decoded(body) for name, body in saved_outputs},
+        )
 
     async def read(self, step: StepInput, name: str) -> dict[str, Any] | None:
         """Return what was stored under `name` for the step's version, if anything."""
         async with self._engine.connect() as connection:
             body = await connection.scalar(_READ, {**_version_of(step), "step": name})
         return None if body is None else await decoded(body)
-
-    async def read_all(self, step: StepInput, prefix: str) -> dict[str, dict[str, Any]]:
-        """Return everything stored for the step's version under names starting with `prefix`."""
-        async with self._engine.connect() as connection:
-            rows = (
-                await connection.execute(_READ_ALL, {**_version_of(step), "prefix": prefix})
-            ).all()
-        return {row.step: await decoded(row.body) for row in rows}
 
     async def write(self, step: StepInput, value: dict[str, Any], name: str | None = None) -> bool:
         """Store `value` as the step's output (or under `name`, e.g. a checkpoint).
