@@ -17,7 +17,7 @@ from temporalio.worker import Worker
 from tests.helpers import wait_for_etl
 from upsertflow.models import Resource, ResourceContext, ResourceContextChunk
 from upsertflow.settings import Limits
-from upsertflow.store.versions import chunked, store_chunks
+from upsertflow.store.versions import chunked
 
 INLINE = Limits().max_inline_context_records
 PROBLEM = "application/problem+json"
@@ -237,7 +237,18 @@ async def _store_context(
             )
         )
         await session.flush()
-        await store_chunks(await session.connection(), resource_id, chunked(orjson.dumps(records)))
+        chunks = chunked(orjson.dumps(records))
+        session.add_all(
+            ResourceContextChunk(
+                resource_id=resource_id,
+                last_path=last_path,
+                record_count=count,
+                records=orjson.loads(part),
+            )
+            for last_path, count, part in zip(
+                chunks.last_paths, chunks.counts, chunks.records, strict=True
+            )
+        )
 
 
 async def test_no_context_yet_and_no_resource_are_404s(

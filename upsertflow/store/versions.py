@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 from sqlalchemy import delete, exists, func, select, text, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from upsertflow.contracts import (
     IN_FLIGHT,
@@ -27,7 +27,7 @@ from upsertflow.contracts import (
     Persisted,
     PersistInput,
 )
-from upsertflow.db import single_statements, transactions
+from upsertflow.db import single_statements
 from upsertflow.models import (
     Resource,
     ResourceVersion,
@@ -180,8 +180,7 @@ async def claim_version(
 
 #: Where the context of a resource stands for a load of `:version` by the run `:run_id`
 #: of `:workflow_id`, and the step output to load (only while the version is current: a
-#: superseded load fetches no document); the resource locked: loads of one resource
-#: follow each other.
+#: superseded load fetches no document).
 _LOAD_CHECK = text(f"""
     SELECT resource.version = :version AND {OWNS_ETL} AS owned,
            context.version AS loaded,
@@ -194,34 +193,50 @@ _LOAD_CHECK = text(f"""
       ON output.resource_id = resource.id AND output.version = :version AND output.step = :step
      AND resource.version = :version
     WHERE resource.id = :resource_id
-    FOR UPDATE OF resource
 """)
-#: The context's row (its records go in its chunks), its chunks of before gone; and the
-#: version's step outputs, done with.
-_LOAD = text("""
-    WITH old_chunks AS (
-        DELETE FROM resource_context_chunks WHERE resource_id = :resource_id
+#: The load itself, one statement, only if it still may (the check again, the resource
+#: locked: loads of one resource follow each other): the context's row (its records go in
+#: its chunks), its chunks (each one's records, cut by `chunked`, parsed by PostgreSQL;
+#: chunks of before that no new one replaces gone), and the version's step outputs, done
+#: with. Returns a row if it loaded.
+_LOAD = text(f"""
+    WITH target AS (
+        SELECT resource.id
+        FROM resources AS resource
+        LEFT JOIN resource_contexts AS context ON context.resource_id = resource.id
+        WHERE resource.id = :resource_id AND resource.version = :version AND {OWNS_ETL}
+          AND coalesce(context.version, 0) <= :version
+        FOR UPDATE OF resource
+    ), old_chunks AS (
+        DELETE FROM resource_context_chunks
+        WHERE resource_id IN (SELECT id FROM target)
+          AND last_path <> ALL(CAST(:last_paths AS text[]))
     ), done_with AS (
-        DELETE FROM etl_step_outputs WHERE resource_id = :resource_id AND version = :version
+        DELETE FROM etl_step_outputs
+        WHERE resource_id IN (SELECT id FROM target) AND version = :version
+    ), context AS (
+        INSERT INTO resource_contexts AS context
+            (resource_id, version, records, loaded_at, run_id, record_count, pipeline_version)
+        SELECT target.id, :version, NULL, now(), :run_id, :record_count, :pipeline_version
+        FROM target
+        ON CONFLICT (resource_id) DO UPDATE SET
+            version = excluded.version,
+            records = NULL,
+            loaded_at = excluded.loaded_at,
+            run_id = excluded.run_id,
+            record_count = excluded.record_count,
+            pipeline_version = excluded.pipeline_version
+    ), chunks AS (
+        INSERT INTO resource_context_chunks AS stored
+            (resource_id, last_path, record_count, records)
+        SELECT target.id, chunk.last_path, chunk.record_count, CAST(chunk.records AS jsonb)
+        FROM target, unnest(CAST(:last_paths AS text[]), CAST(:counts AS integer[]),
+                            CAST(:records AS text[])) AS chunk(last_path, record_count, records)
+        ON CONFLICT (resource_id, last_path) DO UPDATE SET
+            record_count = excluded.record_count,
+            records = excluded.records
     )
-    INSERT INTO resource_contexts AS context
-        (resource_id, version, records, loaded_at, run_id, record_count, pipeline_version)
-    VALUES (:resource_id, :version, NULL, now(), :run_id, :record_count, :pipeline_version)
-    ON CONFLICT (resource_id) DO UPDATE SET
-        version = excluded.version,
-        records = NULL,
-        loaded_at = excluded.loaded_at,
-        run_id = excluded.run_id,
-        record_count = excluded.record_count,
-        pipeline_version = excluded.pipeline_version
-""")
-#: The context's chunks, cut by `chunked`: each one's records parsed by PostgreSQL.
-_LOAD_CHUNKS = text("""
-    INSERT INTO resource_context_chunks (resource_id, last_path, record_count, records)
-    SELECT CAST(:resource_id AS text), chunk.last_path, chunk.record_count,
-           CAST(chunk.records AS jsonb)
-    FROM unnest(CAST(:last_paths AS text[]), CAST(:counts AS integer[]),
-                CAST(:records AS text[])) AS chunk(last_path, record_count, records)
+    SELECT id FROM target
 """)
 
 #: The records of a context's chunk (the last one's: fewer). A page of the context reads
@@ -287,7 +302,7 @@ async def load_context(
         "run_id": run_id,
         "step": source_step,
     }
-    async with transactions(sessions).begin() as connection:
+    async with single_statements(sessions).connect() as connection:
         state = (await connection.execute(_LOAD_CHECK, params)).one_or_none()
         if state is not None and state.ours:
             count: int = state.record_count
@@ -297,32 +312,22 @@ async def load_context(
         if state.body is None:
             raise OutputMissing(f"{source_step} of {resource_id} v{version}")
         chunks = await off_loop(chunked, state.body, inline=len(state.body) <= INLINE_BYTES)
-        await connection.execute(
+        loaded = await connection.scalar(
             _LOAD,
             {
                 "resource_id": resource_id,
                 "version": version,
+                "workflow_id": workflow_id,
                 "run_id": run_id,
                 "record_count": chunks.record_count,
                 "pipeline_version": pipeline_version,
-            },
-        )
-        await store_chunks(connection, resource_id, chunks)
-        return chunks.record_count
-
-
-async def store_chunks(connection: AsyncConnection, resource_id: str, chunks: Chunks) -> None:
-    """Write the chunks of the resource's context (its row written, its old chunks gone)."""
-    if chunks.counts:
-        await connection.execute(
-            _LOAD_CHUNKS,
-            {
-                "resource_id": resource_id,
                 "last_paths": chunks.last_paths,
                 "counts": chunks.counts,
                 "records": chunks.records,
             },
         )
+    # Nothing written: superseded, taken over or outrun between the check and the load.
+    return None if loaded is None else chunks.record_count
 
 
 #: How a version's ETL ended, if `:workflow_id` still owns it.
