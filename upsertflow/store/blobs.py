@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
-from sqlalchemy import Delete, delete, exists, func, select
-from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy import Delete, delete, exists, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from upsertflow.db import single_statements
 from upsertflow.models import Blob, BlobClaim, ResourceVersion
 
 _D = TypeVar("_D", bound=Delete)
@@ -37,6 +37,22 @@ class Document:
         return cls(value=value, body=body, digest=hashlib.sha256(body).hexdigest())
 
 
+#: Documents stored by content address and claimed by a request, in one statement. Storing
+#: known content again renews it, so no collection can take it meanwhile.
+_STORE = text("""
+    WITH stored AS (
+        INSERT INTO blobs AS blob (digest, body, size_bytes)
+        SELECT * FROM unnest(CAST(:digests AS text[]), CAST(:bodies AS bytea[]),
+                             CAST(:sizes AS integer[]))
+        ON CONFLICT (digest) DO UPDATE SET created_at = now()
+        RETURNING blob.digest
+    )
+    INSERT INTO blob_claims (request_id, digest, resource_id)
+    SELECT :request_id, stored.digest, :resource_id FROM stored
+    ON CONFLICT DO NOTHING
+""")
+
+
 async def store_documents(
     sessions: async_sessionmaker[AsyncSession], resource_id: str, request_id: str, *docs: Document
 ) -> None:
@@ -44,25 +60,21 @@ async def store_documents(
 
     Nothing else refers to them yet: the claim keeps the janitor away. Should the
     workflow never start (the API died, Temporal was down), the claim expires and
-    the janitor collects documents nobody refers to.
+    the janitor collects documents nobody refers to. One statement (its own
+    transaction): no BEGIN and COMMIT round trips.
     """
-    unique = {d.digest: d for d in docs}
-    rows = [
-        {"digest": d.digest, "body": d.body, "size_bytes": len(d.body)} for d in unique.values()
-    ]
-    claims = [
-        {"request_id": request_id, "digest": digest, "resource_id": resource_id}
-        for digest in unique
-    ]
-    async with sessions.begin() as session:
-        statement = pg_insert(Blob).values(rows)
-        # Storing known content again renews it, so no collection can take it meanwhile.
-        await session.execute(
-            statement.on_conflict_do_update(
-                index_elements=[Blob.digest], set_={"created_at": func.now()}
-            )
+    unique = list({d.digest: d for d in docs}.values())
+    async with single_statements(sessions).connect() as connection:
+        await connection.execute(
+            _STORE,
+            {
+                "digests": [d.digest for d in unique],
+                "bodies": [d.body for d in unique],
+                "sizes": [len(d.body) for d in unique],
+                "request_id": request_id,
+                "resource_id": resource_id,
+            },
         )
-        await session.execute(pg_insert(BlobClaim).values(claims).on_conflict_do_nothing())
 
 
 def unreferenced_blobs(statement: _D, untouched_for: timedelta) -> _D:
