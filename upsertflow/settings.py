@@ -84,7 +84,7 @@ class Enrichment(BaseModel):
         EnrichmentRule(path=r"(^|\.)e_?mail(_address)?$", kind="email"),
         EnrichmentRule(path=r"(^|\.)(currency|currency_code)$", kind="currency_code"),
     ]
-    batch_size: int = 250
+    batch_size: int = 500
     #: Batches of one `enrich` in flight at once (each stored as it is answered).
     concurrency: int = Field(default=4, ge=1, le=64)
     request_timeout_seconds: float = 5.0
