@@ -714,3 +714,22 @@ def test_aware_datetime_is_utc_with_z() -> None:
     moment = datetime(2024, 1, 5, 10, tzinfo=timezone(timedelta(hours=2)))
     assert coerce_value(moment.isoformat()) == "2024-01-05T08:00:00Z"
     assert datetime.fromisoformat("2024-01-05T08:00:00Z") == moment.astimezone(UTC)
+
+
+@PROPERTY_SETTINGS
+@given(st.lists(STRINGS, max_size=30), st.randoms(use_true_random=False))
+def test_property_each_string_leaf_is_its_own_coercion_however_often_it_repeats(
+    values: list[str], random: Any
+) -> None:
+    """`normalize_info` coerces a string seen before from what it kept of it: every leaf
+    still ends as `coerce_value` of itself, in whatever order the repeats come."""
+    leaves = values + values[: len(values) // 2]
+    random.shuffle(leaves)
+    result = normalize_info({"list": leaves})
+    expected = {
+        f"list.{index}": coerce_value(leaf)
+        for index, leaf in enumerate(leaves)
+        if coerce_value(leaf) is not None
+    }
+    assert typed(result.records) == typed(expected)
+    assert len(result.dropped) == len(leaves) - len(expected)

@@ -284,6 +284,7 @@ def normalize_info(info: Mapping[str, Any]) -> Normalized:
     dropped: list[str] = []
     lost = 0
     key_cache: dict[str, str] = {}
+    value_cache: dict[str, JsonScalar | None] = {}  # string leaf -> coerced (values repeat)
 
     if not isinstance(info, Mapping):
         raise TypeError(f"info must be a mapping, not {type(info).__name__}")
@@ -301,7 +302,10 @@ def normalize_info(info: Mapping[str, Any]) -> Normalized:
 
             coerced: JsonScalar | None
             if isinstance(value, str):
-                coerced = coerce_value(value)
+                if value in value_cache:
+                    coerced = value_cache[value]
+                else:
+                    coerced = value_cache[value] = coerce_value(value)
             elif value is None:
                 coerced = None
             elif isinstance(value, int):
