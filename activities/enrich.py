@@ -5,8 +5,9 @@ sent in batches, `concurrency` of them in flight at once, and each answer's fiel
 are merged as `{path}.{field}` (`address.country` = "FR" gains
 `address.country.country_name` = "France"). After every batch the activity stores
 that batch's answers (a checkpoint in PostgreSQL, one row per batch, so
-checkpointing stays linear in the number of batches) and heartbeats its progress
-(the number of batches stored), so a retried attempt — after a crash, a
+checkpointing stays linear in the number of batches; the last batch's answers are
+stored with the step's output instead) and heartbeats its progress (the number of
+batches stored), so a retried attempt — after a crash, a
 timeout or a 5xx — asks only for the batches not answered yet instead of
 starting over. A 4xx answer cannot succeed on
 retry: it fails the step at once.
@@ -125,24 +126,31 @@ class EnrichActivities:
             merged.update(answers)
         resumed = len(stored)
         todo = iter([i for i in range(len(batches)) if f"{prefix}{i}" not in stored])
-        done = resumed
+        answered = done = resumed
 
         async def ask() -> bool:
             """Ask for the batches left, one after the other; False if superseded."""
-            nonlocal done
+            nonlocal answered, done
             for index in todo:  # shared by every `ask`: each batch is asked for once
                 answers = await self._call(batches[index])
-                last = done + 1 == len(batches)
-                if not last and not await self._store.write(step, answers, f"{prefix}{index}"):
+                answered += 1
+                if answered == len(batches):  # the last answer: stored with the output
+                    merged.update(answers)
+                    continue
+                if not await self._store.write(step, answers, f"{prefix}{index}"):
                     return False
                 merged.update(answers)
                 done += 1
-                activity.heartbeat(done)
+                activity.heartbeat(done)  # progress: the batches stored
             return True
 
         # A few batches in flight at once: the service's, PostgreSQL's and this worker's
         # time overlap. The first failure cancels the others and fails the attempt.
-        activity.heartbeat(done)
+        # Heartbeats say what is stored: none at the start unless resumed, none for the
+        # last batch. (The first heartbeat of an attempt goes to the server at once, a
+        # write there; a single-batch `enrich` sends none, well within its timeout.)
+        if resumed:
+            activity.heartbeat(done)
         askers = [asyncio.ensure_future(ask()) for _ in range(self._config.concurrency)]
         try:
             finished = await asyncio.gather(*askers)

@@ -203,6 +203,8 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
         second.info = dataclasses.replace(
             second.info, attempt=2, heartbeat_details=[heartbeats[-1]]
         )
+        resumed_heartbeats: list[object] = []
+        second.on_heartbeat = lambda *details: resumed_heartbeats.append(details[0])
         result = await second.run(activities.enrich, step)
 
     assert result.stats == {
@@ -211,6 +213,8 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
         "batches": 3,
         "resumed_at_batch": 2,
     }
+    # It said where it resumed (the last batch is stored with the output: no heartbeat).
+    assert resumed_heartbeats == [2]
     # Each value was enriched exactly once: the second attempt did not redo batches 1 and 2.
     stats = await assert_each_site_enriched_once(sessions, enrichment, step)
     assert stats["by_status"] == {"200": 3, "503": 1}
@@ -237,8 +241,10 @@ async def test_batches_in_flight_together_ask_for_each_value_once_and_merge_all(
         "batches": 6,
         "resumed_at_batch": 0,
     }
-    # Progress counts the batches stored, whatever order they were answered in.
-    assert heartbeats == [0, 1, 2, 3, 4, 5, 6]
+    # Progress counts the batches stored, whatever order they were answered in; the last
+    # one's answers are stored with the output (no checkpoint, no heartbeat), and an
+    # attempt that resumes nothing has nothing to report at its start.
+    assert heartbeats == [1, 2, 3, 4, 5]
     stats = await assert_each_site_enriched_once(sessions, enrichment, step)
     assert stats["by_status"] == {"200": 6}
 
