@@ -189,6 +189,7 @@ class _Hooks:
         self.budget = limits.max_records + limits.max_attributes_bytes // 2 + 1 + _ROOT_VALUES
         self.values = 0  # numbers and objects
         self.members = 0  # object members
+        self.floats = 0  # numbers with a fraction or an exponent
 
     def over_budget(self) -> NoReturn:
         limits = self.limits
@@ -233,6 +234,7 @@ class _Hooks:
 
     def number(self, text: str) -> float:
         self.values += 1
+        self.floats += 1
         if self.values > self.budget:
             self.over_budget()
         value = float(text)  # any length is fine for float(); too large gives inf
@@ -260,6 +262,7 @@ def parse_upsert_body(raw: bytes, limits: Limits) -> UpsertBody:
             f"the body is not valid UTF-8: invalid byte at position {error.start}",
         ) from None
     text = text.removeprefix("\ufeff")  # a byte order mark may be ignored (RFC 8259)
+    floats = False
     if not text.strip():
         value: Any = {}
     else:
@@ -280,6 +283,7 @@ def parse_upsert_body(raw: bytes, limits: Limits) -> UpsertBody:
             raise _depth(limits, "the body") from None
         except ValueError:  # no other is expected; never show an interpreter's message
             raise Problem(400, "malformed-json", "Malformed JSON", "the body is not JSON") from None
+        floats = hooks.floats > 0
     if not isinstance(value, dict):
         raise _invalid("the body must be a JSON object with `attributes` and `info`")
     unknown = [key for key in value if key not in ("attributes", "info")]
@@ -292,10 +296,12 @@ def parse_upsert_body(raw: bytes, limits: Limits) -> UpsertBody:
     for field, part in (("attributes", attributes), ("info", info)):
         if not isinstance(part, dict):
             raise _invalid(f"`{field}` must be a JSON object", field)
-    return UpsertBody(attributes=_attributes(attributes, limits), info=_info(info, limits))
+    return UpsertBody(
+        attributes=_attributes(attributes, limits, floats), info=_info(info, limits, floats)
+    )
 
 
-def _attributes(attributes: dict[str, Any], limits: Limits) -> Document:
+def _attributes(attributes: dict[str, Any], limits: Limits, floats: bool) -> Document:
     """Check `attributes` (stored as given, returned by every `GET`): its size and shape."""
     limit = limits.max_attributes_bytes
 
@@ -316,15 +322,16 @@ def _attributes(attributes: dict[str, Any], limits: Limits) -> Document:
         max_values=limit // 2 + 1,
         over_values=lambda: too_large(f"more than {limit:,}"),
     )
-    document = Document.of(attributes)
+    document = Document.of(attributes, floats=floats)
     if len(document.body) > limit:
         too_large(f"{len(document.body):,}")
     return document
 
 
-def _info(info: dict[str, Any], limits: Limits) -> Document:
+def _info(info: dict[str, Any], limits: Limits, floats: bool) -> Document:
     measure(info, "info", limits)
-    return Document.of(info)
+    # A body without a float is written by orjson, to the same bytes (`Document.of`).
+    return Document.of(info, floats=floats)
 
 
 def _depth(limits: Limits, what: str, field: str | None = None) -> Problem:

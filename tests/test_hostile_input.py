@@ -14,6 +14,7 @@ attributes), checked by the API before anything is written:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -688,6 +689,45 @@ def test_stored_info_keeps_the_input_order() -> None:
 
     assert parsed.info.body == b'{"b":1,"B":2,"a":{"z":1,"y":2}}'
     assert list(json.loads(parsed.info.body)) == ["b", "B", "a"]
+
+
+#: JSON objects of every kind of value but floats, with any text the API accepts (no lone
+#: surrogates, no NUL).
+_TEXT = st.text(st.characters(exclude_categories=["Cs"], exclude_characters="\x00"), max_size=8)
+_FLOAT_FREE = st.dictionaries(
+    _TEXT,
+    st.recursive(
+        st.none() | st.booleans() | st.integers(-(2**53), 2**53) | _TEXT,
+        lambda children: st.lists(children, max_size=4) | st.dictionaries(_TEXT, children),
+        max_leaves=20,
+    ),
+    max_size=5,
+)
+
+
+@given(
+    attributes=_FLOAT_FREE,
+    info=_FLOAT_FREE,
+    number=st.floats(allow_nan=False, allow_infinity=False),
+)
+@settings(max_examples=300, deadline=None, database=None)
+def test_stored_documents_are_json_dumps_bytes_whoever_writes_them(
+    attributes: dict[str, Any], info: dict[str, Any], number: float
+) -> None:
+    """A body without floats is written by orjson, with a float by `json`: the bytes (and so
+    the digest, which Idempotency-Key fingerprints and content addresses are) are always
+    `json.dumps`'s, as before orjson wrote any."""
+
+    def stored(value: dict[str, Any]) -> bytes:
+        return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+    for document in ({"attributes": attributes, "info": info}, {"info": {**info, "n": number}}):
+        for ascii_only in (True, False):
+            raw = json.dumps(document, ensure_ascii=ascii_only).encode()
+            parsed = parse_upsert_body(raw, LIMITS)
+            assert parsed.info.body == stored(json.loads(raw)["info"])
+            assert parsed.attributes.body == stored(json.loads(raw).get("attributes", {}))
+            assert parsed.info.digest == hashlib.sha256(parsed.info.body).hexdigest()
 
 
 # --- the worker's memory for the largest accepted info ------------------------------------

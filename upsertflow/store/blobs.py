@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
 
+import orjson
 from sqlalchemy import Delete, delete, exists, func, select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -31,9 +32,18 @@ class Document:
     digest: str
 
     @classmethod
-    def of(cls, value: dict[str, Any]) -> Document:
+    def of(cls, value: dict[str, Any], *, floats: bool = True) -> Document:
+        """The document of a parsed JSON object: `json.dumps`'s compact UTF-8 text.
+
+        `floats=False` promises that `value` holds no float: orjson then writes it, ~10×
+        faster and byte for byte the same (floats are where the two differ: `1e-05`
+        against `0.00001`), so a document's digest never depends on which one wrote it.
+        """
         # Input order is kept: the ETL's "first wins" on key collisions depends on it.
-        body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        if floats:
+            body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        else:
+            body = orjson.dumps(value)
         return cls(value=value, body=body, digest=hashlib.sha256(body).hexdigest())
 
 
