@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import math
 import re
 from collections.abc import Iterable
@@ -96,12 +97,17 @@ class EnrichActivities:
         self._http = http
         self._config = config
         self._rules = [_Rule(re.compile(rule.path), rule.kind) for rule in config.rules]
+        # Batch i is only the same batch under the same rules and batch size: checkpoints
+        # are named after both, so an attempt retried by a worker configured otherwise (a
+        # deploy that changes them) asks again rather than skipping values it never asked.
+        plan = orjson.dumps([config.batch_size, [[r.path, r.kind] for r in config.rules]])
+        self._plan = hashlib.sha256(plan).hexdigest()[:12]
 
     @activity.defn(name="enrich")
     async def enrich(self, step: StepInput) -> StepResult:
         """Enrich the version's records through the enrichment service."""
         info = activity.info()
-        prefix = f"{step.step}.batch."
+        prefix = f"{step.step}.batch.{self._plan}."
         # The batches an earlier attempt stored come with the input, in the same statement.
         begun = await self._store.begin(step, saved=prefix)
         if begun is None:

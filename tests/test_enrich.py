@@ -220,6 +220,47 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     assert stats["by_status"] == {"200": 3, "503": 1}
 
 
+async def test_an_attempt_retried_with_another_batch_size_asks_again_skipping_nothing(
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    enrichment: httpx.AsyncClient,
+    version_with_records: StepInput,
+) -> None:
+    """Checkpoints belong to the batches of one batch size and set of rules: a retry on a
+    worker configured otherwise (a deploy between attempts) cannot take its batch 0 for the
+    stored batch 0 of another size and skip values that were never asked for."""
+    step = version_with_records
+    small = Enrichment(url=settings.enrichment.url, batch_size=2, concurrency=1)
+    large = Enrichment(url=settings.enrichment.url, batch_size=4, concurrency=1)
+    admin_url = str(enrichment.base_url)
+
+    def fail_the_third(*details: object) -> None:
+        if details[0] == 2:  # batches of 2: values 0-3 stored; the third request fails
+            httpx.put(f"{admin_url}/_faults", json={"fail_next": 1, "error_status": 503})
+
+    async with httpx.AsyncClient() as http:
+        first = ActivityEnvironment()
+        first.on_heartbeat = fail_the_third
+        with pytest.raises(ApplicationError, match="503"):
+            await first.run(EnrichActivities(StepStore(sessions), http, small).enrich, step)
+        second = ActivityEnvironment()
+        second.info = dataclasses.replace(second.info, attempt=2, heartbeat_details=[2])
+        result = await second.run(EnrichActivities(StepStore(sessions), http, large).enrich, step)
+
+    assert result.stats == {
+        "selected": 6,
+        "enriched_fields": 12,
+        "batches": 2,
+        "resumed_at_batch": 0,
+    }
+    output = await StepStore(sessions).read(step, "enrich")
+    assert output is not None
+    assert {output[f"site_{n}.country.country_name"] for n in range(6)} == set(SITES.values())
+    stats = (await enrichment.get("/_stats")).json()
+    # Values 0-3 were asked for twice (once per configuration), 4 and 5 once: none skipped.
+    assert sorted(stats["by_key"].values()) == [1, 1, 2, 2, 2, 2]
+
+
 async def test_batches_in_flight_together_ask_for_each_value_once_and_merge_all(
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,
