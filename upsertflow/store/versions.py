@@ -27,7 +27,7 @@ from upsertflow.contracts import (
     Persisted,
     PersistInput,
 )
-from upsertflow.db import single_statements
+from upsertflow.db import single_statements, transactions
 from upsertflow.models import (
     Resource,
     ResourceVersion,
@@ -180,7 +180,9 @@ async def claim_version(
 
 #: Where the context of a resource stands for a load of `:version` by the run `:run_id`
 #: of `:workflow_id`, and the step output to load (only while the version is current: a
-#: superseded load fetches no document).
+#: superseded load fetches no document); the resource locked: loads of one resource
+#: follow each other, and the load's write, a statement later, sees what the one before
+#: wrote.
 _LOAD_CHECK = text(f"""
     SELECT resource.version = :version AND {OWNS_ETL} AS owned,
            context.version AS loaded,
@@ -193,32 +195,23 @@ _LOAD_CHECK = text(f"""
       ON output.resource_id = resource.id AND output.version = :version AND output.step = :step
      AND resource.version = :version
     WHERE resource.id = :resource_id
+    FOR UPDATE OF resource
 """)
-#: The load itself, one statement, only if it still may (the check again, the resource
-#: locked: loads of one resource follow each other): the context's row (its records go in
+#: The load itself, in one statement once checked: the context's row (its records go in
 #: its chunks), its chunks (each one's records, cut by `chunked`, parsed by PostgreSQL;
 #: chunks of before that no new one replaces gone), and the version's step outputs, done
-#: with. Returns a row if it loaded.
-_LOAD = text(f"""
-    WITH target AS (
-        SELECT resource.id
-        FROM resources AS resource
-        LEFT JOIN resource_contexts AS context ON context.resource_id = resource.id
-        WHERE resource.id = :resource_id AND resource.version = :version AND {OWNS_ETL}
-          AND coalesce(context.version, 0) <= :version
-        FOR UPDATE OF resource
-    ), old_chunks AS (
+#: with. (Replaced chunks are updated, not deleted and inserted: the statement's parts run
+#: in no set order.)
+_LOAD = text("""
+    WITH old_chunks AS (
         DELETE FROM resource_context_chunks
-        WHERE resource_id IN (SELECT id FROM target)
-          AND last_path <> ALL(CAST(:last_paths AS text[]))
+        WHERE resource_id = :resource_id AND last_path <> ALL(CAST(:last_paths AS text[]))
     ), done_with AS (
-        DELETE FROM etl_step_outputs
-        WHERE resource_id IN (SELECT id FROM target) AND version = :version
+        DELETE FROM etl_step_outputs WHERE resource_id = :resource_id AND version = :version
     ), context AS (
         INSERT INTO resource_contexts AS context
             (resource_id, version, records, loaded_at, run_id, record_count, pipeline_version)
-        SELECT target.id, :version, NULL, now(), :run_id, :record_count, :pipeline_version
-        FROM target
+        VALUES (:resource_id, :version, NULL, now(), :run_id, :record_count, :pipeline_version)
         ON CONFLICT (resource_id) DO UPDATE SET
             version = excluded.version,
             records = NULL,
@@ -226,17 +219,15 @@ _LOAD = text(f"""
             run_id = excluded.run_id,
             record_count = excluded.record_count,
             pipeline_version = excluded.pipeline_version
-    ), chunks AS (
-        INSERT INTO resource_context_chunks AS stored
-            (resource_id, last_path, record_count, records)
-        SELECT target.id, chunk.last_path, chunk.record_count, CAST(chunk.records AS jsonb)
-        FROM target, unnest(CAST(:last_paths AS text[]), CAST(:counts AS integer[]),
-                            CAST(:records AS text[])) AS chunk(last_path, record_count, records)
-        ON CONFLICT (resource_id, last_path) DO UPDATE SET
-            record_count = excluded.record_count,
-            records = excluded.records
     )
-    SELECT id FROM target
+    INSERT INTO resource_context_chunks AS stored (resource_id, last_path, record_count, records)
+    SELECT CAST(:resource_id AS text), chunk.last_path, chunk.record_count,
+           CAST(chunk.records AS jsonb)
+    FROM unnest(CAST(:last_paths AS text[]), CAST(:counts AS integer[]),
+                CAST(:records AS text[])) AS chunk(last_path, record_count, records)
+    ON CONFLICT (resource_id, last_path) DO UPDATE SET
+        record_count = excluded.record_count,
+        records = excluded.records
 """)
 
 #: The records of a context's chunk (the last one's: fewer). A page of the context reads
@@ -302,7 +293,7 @@ async def load_context(
         "run_id": run_id,
         "step": source_step,
     }
-    async with single_statements(sessions).connect() as connection:
+    async with transactions(sessions).begin() as connection:
         state = (await connection.execute(_LOAD_CHECK, params)).one_or_none()
         if state is not None and state.ours:
             count: int = state.record_count
@@ -312,12 +303,11 @@ async def load_context(
         if state.body is None:
             raise OutputMissing(f"{source_step} of {resource_id} v{version}")
         chunks = await off_loop(chunked, state.body, inline=len(state.body) <= INLINE_BYTES)
-        loaded = await connection.scalar(
+        await connection.execute(
             _LOAD,
             {
                 "resource_id": resource_id,
                 "version": version,
-                "workflow_id": workflow_id,
                 "run_id": run_id,
                 "record_count": chunks.record_count,
                 "pipeline_version": pipeline_version,
@@ -326,8 +316,7 @@ async def load_context(
                 "records": chunks.records,
             },
         )
-    # Nothing written: superseded, taken over or outrun between the check and the load.
-    return None if loaded is None else chunks.record_count
+        return chunks.record_count
 
 
 #: How a version's ETL ended, if `:workflow_id` still owns it.
