@@ -41,6 +41,7 @@ from tests.helpers import wait_for_etl
 from tests.test_bad_input import JSON, _counts
 from tests.test_context import read_context
 from upsertflow.settings import Limits
+from upsertflow.store.blobs import Document
 from workflows.upsert import UpsertWorkflow
 
 LIMITS = Limits()  # the defaults: the cost model as shipped
@@ -728,6 +729,16 @@ def test_stored_documents_are_json_dumps_bytes_whoever_writes_them(
             assert parsed.info.body == stored(json.loads(raw)["info"])
             assert parsed.attributes.body == stored(json.loads(raw).get("attributes", {}))
             assert parsed.info.digest == hashlib.sha256(parsed.info.body).hexdigest()
+
+
+def test_a_document_deeper_than_orjson_goes_is_written_all_the_same() -> None:
+    """orjson stops at 255 levels; `max_depth` may be raised past that: `json` writes it."""
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(300):
+        node["a"] = node = {}
+
+    assert Document.of(deep, floats=False) == Document.of(deep)
 
 
 # --- the worker's memory for the largest accepted info ------------------------------------

@@ -38,12 +38,18 @@ class Document:
         `floats=False` promises that `value` holds no float: orjson then writes it, ~10×
         faster and byte for byte the same (floats are where the two differ: `1e-05`
         against `0.00001`), so a document's digest never depends on which one wrote it.
+        (Nested deeper than orjson goes, 255 levels, possible only with `max_depth`
+        raised that far, it is `json`'s.)
         """
         # Input order is kept: the ETL's "first wins" on key collisions depends on it.
-        if floats:
+        body = None
+        if not floats:
+            try:
+                body = orjson.dumps(value)
+            except orjson.JSONEncodeError:
+                pass
+        if body is None:
             body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
-        else:
-            body = orjson.dumps(value)
         return cls(value=value, body=body, digest=hashlib.sha256(body).hexdigest())
 
 
