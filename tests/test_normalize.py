@@ -726,10 +726,7 @@ def test_property_each_string_leaf_is_its_own_coercion_however_often_it_repeats(
     leaves = values + values[: len(values) // 2]
     random.shuffle(leaves)
     result = normalize_info({"list": leaves})
-    expected = {
-        f"list.{index}": coerce_value(leaf)
-        for index, leaf in enumerate(leaves)
-        if coerce_value(leaf) is not None
-    }
+    coerced = {f"list.{index}": coerce_value(leaf) for index, leaf in enumerate(leaves)}
+    expected = {path: value for path, value in coerced.items() if value is not None}
     assert typed(result.records) == typed(expected)
     assert len(result.dropped) == len(leaves) - len(expected)
