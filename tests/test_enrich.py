@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
@@ -24,7 +24,7 @@ from temporalio.worker import Worker
 from activities.enrich import EnrichActivities
 from tests.helpers import eventually, wait_for_etl
 from upsertflow.contracts import EtlStatus, StepInput
-from upsertflow.models import Blob, Resource, ResourceVersion
+from upsertflow.models import Blob, Resource, ResourceVersion, StepOutput
 from upsertflow.settings import Enrichment, Settings
 from upsertflow.store.steps import StepStore
 from worker import build_worker, enrichment_client
@@ -218,6 +218,32 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     # Each value was enriched exactly once: the second attempt did not redo batches 1 and 2.
     stats = await assert_each_site_enriched_once(sessions, enrichment, step)
     assert stats["by_status"] == {"200": 3, "503": 1}
+
+
+async def test_a_step_whose_input_is_gone_fails_for_good_and_asks_nothing(
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    enrichment: httpx.AsyncClient,
+    version_with_records: StepInput,
+) -> None:
+    """No retry can bring back a missing input (`normalize`'s output deleted, say by an
+    operator): the step fails at once, non-retryable, saying what is missing — and the
+    enrichment service is not asked anything."""
+    step = version_with_records
+    async with sessions.begin() as session:
+        await session.execute(delete(StepOutput).where(StepOutput.resource_id == step.resource_id))
+
+    async with httpx.AsyncClient() as http:
+        activities = EnrichActivities(StepStore(sessions), http, settings.enrichment)
+        with pytest.raises(ApplicationError) as failed:
+            await ActivityEnvironment().run(activities.enrich, step)
+
+    assert failed.value.type == "StepOutputMissing"
+    assert failed.value.non_retryable
+    assert failed.value.message == (
+        f"the output of step 'normalize' for {step.resource_id} v1 is missing"
+    )
+    assert (await enrichment.get("/_stats")).json()["requests"] == 0
 
 
 async def test_an_attempt_retried_with_another_batch_size_asks_again_skipping_nothing(
