@@ -78,10 +78,6 @@ _BEGIN = text(f"""
           AND starts_with(output.step, CAST(:prefix AS text))
     ) AS saved
 """)
-_READ = text("""
-    SELECT body FROM etl_step_outputs
-    WHERE resource_id = :resource_id AND version = :version AND step = :step
-""")
 _WRITE = text(f"""
     INSERT INTO etl_step_outputs (resource_id, version, step, body)
     SELECT CAST(:resource_id AS text), CAST(:version AS integer), :step, :body
@@ -147,12 +143,6 @@ class StepStore:
             input_bytes=len(row.input),
             saved={name: await decoded(body) for name, body in saved_outputs},
         )
-
-    async def read(self, step: StepInput, name: str) -> dict[str, Any] | None:
-        """Return what was stored under `name` for the step's version, if anything."""
-        async with self._engine.connect() as connection:
-            body = await connection.scalar(_READ, {**_version_of(step), "step": name})
-        return None if body is None else await decoded(body)
 
     async def write(self, step: StepInput, value: dict[str, Any], name: str | None = None) -> bool:
         """Store `value` as the step's output (or under `name`, e.g. a checkpoint).
