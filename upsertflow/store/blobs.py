@@ -6,6 +6,7 @@ workflows carry the digest, never the document itself.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from collections.abc import Sequence
@@ -41,16 +42,16 @@ class Document:
         (Nested deeper than orjson goes, 255 levels, possible only with `max_depth`
         raised that far, it is `json`'s.)
         """
-        # Input order is kept: the ETL's "first wins" on key collisions depends on it.
-        body = None
-        if not floats:
-            try:
-                body = orjson.dumps(value)
-            except orjson.JSONEncodeError:
-                pass
-        if body is None:
-            body = json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+        body = _text(value, floats)
         return cls(value=value, body=body, digest=hashlib.sha256(body).hexdigest())
+
+
+def _text(value: dict[str, Any], floats: bool) -> bytes:
+    # Input order is kept: the ETL's "first wins" on key collisions depends on it.
+    if not floats:
+        with contextlib.suppress(orjson.JSONEncodeError):
+            return orjson.dumps(value)
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 #: Documents stored by content address and claimed by a request, in one statement. Storing
