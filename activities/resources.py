@@ -120,7 +120,8 @@ class ResourceActivities:
 
         Idempotent: a retried attempt of a load that committed finds the context
         loaded by its own run and reports it again. A new run of the same version
-        (an ETL retry) replaces the context: a retry recomputes it.
+        (an ETL retry) replaces the context: a retry recomputes it. Given the run's
+        steps (pipeline v5), it records the ETL as succeeded in the same transaction.
         """
         attempt = activity.info().attempt
         if step.previous_step is None:  # a pipeline whose first step loads: nothing to load
@@ -133,6 +134,11 @@ class ResourceActivities:
                 *_workflow(),
                 step.previous_step,
                 step.pipeline_version,
+                succeeded=(
+                    None
+                    if step.steps is None
+                    else lambda records: step.succeeded_steps(attempt, {"records": records})
+                ),
             )
         except versions.OutputMissing:
             raise missing_output(step, step.previous_step) from None

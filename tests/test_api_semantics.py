@@ -324,6 +324,32 @@ async def test_etl_view_is_live_while_running_then_from_the_database(
     assert all(s["started_at"] and s["finished_at"] for s in done["steps"])
 
 
+async def test_a_load_that_succeeds_records_the_outcome_with_the_context(
+    api: httpx.AsyncClient, worker: Worker, client: Client, resource_id: str
+) -> None:
+    created = await api.put(f"/resources/{resource_id}", json={"info": {"country": "FR"}})
+    handle = client.get_workflow_handle(created.json()["etl"]["workflow_id"])
+    progress = await handle.result()
+    etl = (await api.get(f"/resources/{resource_id}/etl")).json()
+    resource = (await api.get(f"/resources/{resource_id}")).json()
+
+    assert (etl["live"], etl["status"], resource["context_version"]) == (False, "succeeded", 1)
+    load = etl["steps"][-1]
+    assert (load["name"], load["status"], load["attempts"]) == ("load", "succeeded", 1)
+    assert load["stats"] == {"records": len(resource["context"])} == progress["steps"][-1]["stats"]
+    assert load["started_at"] <= load["finished_at"]
+    # The local activities in the history (each a marker, named by its summary): no
+    # `record_outcome` after a load that succeeded (pipeline v5).
+    summaries = []
+    async for event in handle.fetch_history_events():
+        if event.HasField("marker_recorded_event_attributes"):
+            [summary] = await client.data_converter.decode([event.user_metadata.summary])
+            summaries.append(summary)
+    assert summaries == [f"persist {resource_id}"] + [
+        f"{step} {resource_id} v1" for step in ("normalize", "load")
+    ]
+
+
 async def test_failed_etl_can_be_retried(
     api: httpx.AsyncClient, worker: Worker, enrichment: httpx.AsyncClient, resource_id: str
 ) -> None:

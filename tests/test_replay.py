@@ -63,6 +63,13 @@ SCENARIOS = [
     "v4_retried",
     "v4_superseded",
     "v4_cancelled",
+    # Pipeline v5 (a load that succeeds records the outcome: no `record_outcome` after it).
+    "v5_succeeded",
+    "v5_succeeded_after_retries",
+    "v5_failed",
+    "v5_retried",
+    "v5_superseded",
+    "v5_cancelled",
 ]
 #: The test-only key the histories are recorded with (`tests/histories/record.py`).
 HISTORY_CODEC = Codec(keys_file=HISTORIES / "codec-keys")

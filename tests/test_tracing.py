@@ -36,11 +36,12 @@ from upsertflow.settings import Settings
 from worker import build_worker, enrichment_client
 from workflows.pipeline import PIPELINES
 
-#: The activities of the newest pipeline, in order.
+#: The activities of a succeeded run of the newest pipeline, in order (its load records the
+#: outcome: no `record_outcome` after it).
 ACTIVITIES = [
     "persist",
     *(step.name for step in PIPELINES[max(PIPELINES)].steps),
-    "record_outcome",
+    *(() if PIPELINES[max(PIPELINES)].last_step_records_success else ("record_outcome",)),
 ]
 
 # ---------------------------------------------------------------- fixtures

@@ -8,9 +8,8 @@ histories, so everything here is small: large data is passed by reference
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
 
 from pydantic import BaseModel, Field
 
@@ -94,18 +93,6 @@ class Persisted(BaseModel):
     updated_at: datetime
 
 
-class StepInput(BaseModel):
-    """What every ETL step receives: which version, and whose output to read."""
-
-    resource_id: str
-    version: int
-    step: str
-    previous_step: str | None = None
-    #: The version of what the pipeline computes (`workflows.pipeline.OUTPUT_VERSION` when
-    #: the run started), recorded with the context it loads. None from runs before it.
-    pipeline_version: int | None = None
-
-
 class StepResult(BaseModel):
     """A step's small report; its data stays in PostgreSQL."""
 
@@ -123,6 +110,35 @@ class StepState(BaseModel):
     finished_at: datetime | None = None
     error: str | None = None
     stats: dict[str, int] = Field(default_factory=dict)
+
+
+class StepInput(BaseModel):
+    """What every ETL step receives: which version, and whose output to read."""
+
+    resource_id: str
+    version: int
+    step: str
+    previous_step: str | None = None
+    #: The version of what the pipeline computes (`workflows.pipeline.OUTPUT_VERSION` when
+    #: the run started), recorded with the context it loads. None from runs before it.
+    pipeline_version: int | None = None
+    #: The last step of a run that records its success with it (pipeline v5): every
+    #: step's state so far, this one's `running`. A load that commits records the ETL as
+    #: succeeded with these (this step's completed), in its own transaction.
+    steps: list[StepState] | None = None
+
+    def succeeded_steps(self, attempt: int, stats: dict[str, int]) -> list[StepState]:
+        """`steps`, this step's state completed: succeeded now, at `attempt`, with `stats`."""
+        assert self.steps, "only a last step given the steps records the success"
+        done = self.steps[-1].model_copy(
+            update={
+                "status": StepStatus.SUCCEEDED,
+                "attempts": attempt,
+                "finished_at": datetime.now(UTC),
+                "stats": stats,
+            }
+        )
+        return [*self.steps[:-1], done]
 
 
 class EtlProgress(BaseModel):
@@ -144,6 +160,3 @@ class OutcomeInput(BaseModel):
     status: EtlStatus
     steps: list[StepState]
     error: str | None = None
-
-    def steps_json(self) -> list[dict[str, Any]]:
-        return [step.model_dump(mode="json") for step in self.steps]

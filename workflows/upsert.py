@@ -61,6 +61,7 @@ class UpsertWorkflow:
             progress.status = EtlStatus.RUNNING
         previous: str | None = None
         steps = self._pipeline.steps
+        last = len(steps) - 1
         for index, (step, state) in enumerate(zip(steps, progress.steps, strict=True)):
             workflow.set_current_details(
                 f"Step **{step.name}** ({index + 1}/{len(steps)}) of resource "
@@ -77,6 +78,11 @@ class UpsertWorkflow:
                         step=step.name,
                         previous_step=previous,
                         pipeline_version=self._pipeline.outputs,
+                        steps=(
+                            progress.steps
+                            if index == last and self._pipeline.last_step_records_success
+                            else None
+                        ),
                     ),
                     summary=f"{step.name} {request.resource_id} v{persisted.version}",
                 )
@@ -111,7 +117,7 @@ class UpsertWorkflow:
                 return progress
             state.status = StepStatus.SUCCEEDED
             previous = step.name
-        await self._finish(EtlStatus.SUCCEEDED)
+        await self._finish(EtlStatus.SUCCEEDED, recorded=self._pipeline.last_step_records_success)
         return progress
 
     @workflow.update
@@ -202,8 +208,9 @@ class UpsertWorkflow:
             ]
         )
 
-    async def _finish(self, status: EtlStatus) -> None:
-        """Record the outcome in PostgreSQL, the search attributes and the metrics."""
+    async def _finish(self, status: EtlStatus, *, recorded: bool = False) -> None:
+        """Record the outcome in PostgreSQL (unless the last step did: `recorded`), the
+        search attributes and the metrics."""
         self._set_status(status)
         workflow.metric_meter().create_counter(
             "upsertflow_etl_runs", "ETL runs that ended, by outcome."
@@ -213,6 +220,14 @@ class UpsertWorkflow:
             f"ETL of resource `{self._request.resource_id}` v{self._progress.version}: "
             f"**{status.value}**" + (f" — {self._progress.error}" if self._progress.error else "")
         )
+        if not recorded:
+            await self._record_outcome(status)
+        if self._request.notify:
+            await self._notify(status)
+
+    async def _record_outcome(self, status: EtlStatus) -> None:
+        """Record how the ETL ended in PostgreSQL (if this workflow still owns it)."""
+        assert self._progress.version is not None
         await self._pipeline.record_outcome.execute(
             ResourceActivities.record_outcome,
             OutcomeInput(
@@ -225,8 +240,6 @@ class UpsertWorkflow:
             ),
             summary=f"record {status.value} {self._request.resource_id} v{self._progress.version}",
         )
-        if self._request.notify:
-            await self._notify(status)
 
     async def _notify(self, status: EtlStatus) -> None:
         """Start the delivery of the completion webhook, and leave it to run on its own."""

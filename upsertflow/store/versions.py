@@ -9,7 +9,7 @@ functions fence on them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +26,7 @@ from upsertflow.contracts import (
     OutcomeInput,
     Persisted,
     PersistInput,
+    StepState,
 )
 from upsertflow.db import single_statements, transactions
 from upsertflow.models import (
@@ -199,11 +200,19 @@ _LOAD_CHECK = text(f"""
 """)
 #: The load itself, in one statement once checked: the context's row (its records go in
 #: its chunks), its chunks (each one's records, cut by `chunked`, parsed by PostgreSQL;
-#: chunks of before that no new one replaces gone), and the version's step outputs, done
-#: with. (Replaced chunks are updated, not deleted and inserted: the statement's parts run
-#: in no set order.)
+#: chunks of before that no new one replaces gone), the version's step outputs, done
+#: with, and — given `:steps` (pipeline v5) — the ETL's outcome: succeeded, with those
+#: steps, if this workflow owns it. (Replaced chunks are updated, not deleted and inserted:
+#: the statement's parts run in no set order.)
 _LOAD = text("""
-    WITH old_chunks AS (
+    WITH outcome AS (
+        UPDATE resource_versions SET
+            etl_status = 'succeeded', etl_steps = CAST(:steps AS jsonb), etl_error = NULL,
+            etl_finished_at = now()
+        WHERE CAST(:steps AS text) IS NOT NULL
+          AND resource_id = :resource_id AND version = :version
+          AND etl_workflow_id = :workflow_id
+    ), old_chunks AS (
         DELETE FROM resource_context_chunks
         WHERE resource_id = :resource_id AND last_path <> ALL(CAST(:last_paths AS text[]))
     ), done_with AS (
@@ -274,9 +283,14 @@ async def load_context(
     run_id: str,
     source_step: str,
     pipeline_version: int | None = None,
+    succeeded: Callable[[int], list[StepState]] | None = None,
 ) -> int | None:
     """Replace the resource's context with the records `source_step` stored for the version;
     return their number. Idempotent: if this run loaded it already, return that number.
+
+    `succeeded` (pipeline v5): the ETL's steps, given the number of records loaded; the
+    load records the ETL as succeeded with them, in its transaction: no context loaded
+    while its ETL still says running, and no `record_outcome` after it.
 
     None (nothing written) if the version is no longer current, its ETL is no longer this
     workflow's, or a newer version's context is loaded; a new run of the same version (an
@@ -309,6 +323,8 @@ async def load_context(
                 "resource_id": resource_id,
                 "version": version,
                 "run_id": run_id,
+                "workflow_id": workflow_id,
+                "steps": None if succeeded is None else _steps_json(succeeded(chunks.record_count)),
                 "record_count": chunks.record_count,
                 "pipeline_version": pipeline_version,
                 "last_paths": chunks.last_paths,
@@ -338,11 +354,15 @@ async def record_outcome(sessions: async_sessionmaker[AsyncSession], outcome: Ou
                 "version": outcome.version,
                 "workflow_id": outcome.workflow_id,
                 "status": str(outcome.status),
-                # JSON text: SQLAlchemy's jsonb codec for asyncpg takes it serialized.
-                "steps": orjson.dumps(outcome.steps_json()).decode(),
+                "steps": _steps_json(outcome.steps),
                 "error": outcome.error,
             },
         )
+
+
+def _steps_json(steps: list[StepState]) -> str:
+    """Steps as `etl_steps` JSON text (SQLAlchemy's jsonb codec for asyncpg takes it so)."""
+    return orjson.dumps([step.model_dump(mode="json") for step in steps]).decode()
 
 
 async def finish_in_flight(
