@@ -34,7 +34,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from importlib.metadata import version
-from itertools import pairwise
 from pathlib import Path
 from types import FrameType
 from typing import Any, NamedTuple
@@ -102,6 +101,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # under load's median swing 0.9-2.1 between runs of the same code (both sides' own).
     add("--m", type=int, default=600, help="workflows or upserts in the throughput metric")
     add(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of the throughput metric, the sides taking turns (--m of each per round)",
+    )
+    add(
         "--concurrency",
         type=int,
         default=50,
@@ -152,7 +157,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def command(args: argparse.Namespace) -> str:
     python = os.path.relpath(sys.executable, REPO_ROOT)
     options = (
-        f"--n {args.n} --warmup {args.warmup} --m {args.m} --concurrency {args.concurrency} "
+        f"--n {args.n} --warmup {args.warmup} --m {args.m} --rounds {args.rounds} "
+        f"--concurrency {args.concurrency} "
         f"--activities {args.activities} --info-kib {args.info_kib} "
         f"--large-mib {args.large_mib:g} --large-runs {args.large_runs}"
         f"{'' if args.largest else ' --no-largest'} "
@@ -265,40 +271,68 @@ class Bench:
         return rows, [bare.ids, put.ids]
 
     async def throughput(self) -> tuple[list[Row], list[Row]]:
-        """`m` of each, `concurrency` in flight: rows, and CPU per workflow by process."""
+        """`m` of each, `concurrency` in flight, in `rounds` taking turns: rows, and CPU per
+        workflow by process.
+
+        The machine's speed drifts by more than the difference measured: one pair of floods
+        is one sample of it. Rounds alternate which side goes first (baseline first in odd
+        rounds), so a drift slows both alike, and the rates pool every round.
+        """
         args = self.args
-        cpu = [self.stack.cpu_seconds()]
-        async with self.baseline_worker():
-            bare_seconds, bare_answers = await self.flood(
-                self.bare_update_with_start, self.all_finished
-            )
-        cpu.append(self.stack.cpu_seconds())
-        put_seconds, put_answers = await self.flood(
-            # Past the sync timeout under load the answer is 202: durable all the same.
-            self.put("tp", self.small, accept=(201, 202)),
-            self.etls_succeeded("tp"),
-        )
-        cpu.append(self.stack.cpu_seconds())
+        seconds = {"baseline": 0.0, "upsertflow": 0.0}
+        answers: dict[str, list[float]] = {"baseline": [], "upsertflow": []}
+        used: dict[str, dict[str, float]] = {"baseline": {}, "upsertflow": {}}
+        rates: dict[str, list[float]] = {"baseline": [], "upsertflow": []}
+        for round_ in range(args.rounds):
+            sides = ["baseline", "upsertflow"] if round_ % 2 == 0 else ["upsertflow", "baseline"]
+            for side in sides:
+                before = self.stack.cpu_seconds()
+                if side == "baseline":
+                    async with self.baseline_worker():
+                        took, answered = await self.flood(
+                            self.bare_update_with_start, self.all_finished
+                        )
+                else:
+                    took, answered = await self.flood(
+                        # Past the sync timeout under load the answer is 202: durable all
+                        # the same.
+                        self.put(f"tp{round_}", self.small, accept=(201, 202)),
+                        self.etls_succeeded(f"tp{round_}"),
+                    )
+                after = self.stack.cpu_seconds()
+                seconds[side] += took
+                answers[side] += answered
+                rates[side].append(args.m / took)
+                for name in after:
+                    used[side][name] = used[side].get(name, 0.0) + after[name] - before[name]
+        total = args.m * args.rounds
+        bare, put = total / seconds["baseline"], total / seconds["upsertflow"]
+        each = [u / b for b, u in zip(rates["baseline"], rates["upsertflow"], strict=True)]
         rows: list[Row] = [
             (
-                f"throughput, {args.m} with {args.concurrency} in flight (per s)",
-                f"{args.m / bare_seconds:.1f}",
-                f"{args.m / put_seconds:.1f}",
-                f"{bare_seconds / put_seconds:.2f}",
+                f"throughput, {args.m} × {args.rounds} rounds with {args.concurrency} in "
+                "flight (per s)",
+                f"{bare:.1f}",
+                f"{put:.1f}",
+                f"{put / bare:.2f}",
             ),
-            *latency_rows("answer under that load", bare_answers, put_answers),
+            (
+                "… each round (per s)",
+                " / ".join(f"{rate:.1f}" for rate in rates["baseline"]),
+                " / ".join(f"{rate:.1f}" for rate in rates["upsertflow"]),
+                " / ".join(f"{ratio:.2f}" for ratio in each),
+            ),
+            *latency_rows("answer under that load", answers["baseline"], answers["upsertflow"]),
         ]
-        used = [{key: after[key] - before[key] for key in after} for before, after in pairwise(cpu)]
-        per = 1000 / args.m
-        by_process: list[Row] = [
-            (name, *(f"{u[name] * per:.1f}" for u in used)) for name in used[0]
-        ]
+        per = 1000 / total
+        cpu = [used["baseline"], used["upsertflow"]]
+        by_process: list[Row] = [(name, *(f"{u[name] * per:.1f}" for u in cpu)) for name in cpu[0]]
         busy = [
-            sum(u.values()) / (seconds * (os.cpu_count() or 1))
-            for u, seconds in zip(used, (bare_seconds, put_seconds), strict=True)
+            sum(used[side].values()) / (seconds[side] * (os.cpu_count() or 1))
+            for side in ("baseline", "upsertflow")
         ]
         by_process += [
-            ("total", *(f"{sum(u.values()) * per:.1f}" for u in used)),
+            ("total", *(f"{sum(u.values()) * per:.1f}" for u in cpu)),
             ("share of all CPUs busy", *(f"{share:.0%}" for share in busy)),
         ]
         return rows, by_process
@@ -505,7 +539,7 @@ async def measure(stack: Stack, args: argparse.Namespace) -> Results:
                 ids["baseline"] = bare_ids
                 ids[f"upsertflow {args.info_kib} KiB"] = put_ids
             if "throughput" in chosen:
-                say(f"throughput, m={args.m}, {args.concurrency} in flight")
+                say(f"throughput, m={args.m} × {args.rounds} rounds, {args.concurrency} in flight")
                 rows, cpu = await bench.throughput()
                 metrics += rows
             if "large" in chosen:
@@ -594,13 +628,15 @@ def report(args: argparse.Namespace, results: Results, seconds: float, busy: flo
             f"first of {a} / `PUT /resources/{{id}}` → 201 with a {info}.",
             "- **start only**: `start_workflow` / the same PUT with `Prefer: respond-async` → 202.",
             f"- **end to end**: until the workflow completed ({a} / persist → normalize → "
-            "enrich → load → record_outcome), waited for before the next request.",
+            "enrich → load, which records the outcome), waited for before the next request.",
         ]
     if runs(args, "throughput"):
         legend.append(
             f"- **throughput**: {args.m} requests, {args.concurrency} in flight, until every "
             "workflow completed (baseline: its result; upsertflow: `etl_status = 'succeeded'` "
-            "counted in PostgreSQL). Ratio: upsertflow / baseline rate."
+            f"counted in PostgreSQL); {args.rounds} rounds, the sides taking turns (the baseline "
+            "first in rounds 1, 3, …), the rate over all of them. Ratio: upsertflow / baseline "
+            "rate."
         )
     if runs(args, "large"):
         legend.append(
@@ -635,8 +671,9 @@ def report(args: argparse.Namespace, results: Results, seconds: float, busy: flo
             "Where the time goes: median per segment (ms) from the workflow histories "
             "of the one-at-a-time runs (end to end, large info). Activities: the regular "
             "ones — upsertflow's enrich (1); the baseline's 5 no-ops. "
-            "upsertflow's persist, normalize, load and record_outcome are local activities "
-            "(pipeline v4): they run inside workflow tasks, so their time is in "
+            "upsertflow's persist, normalize and load are local activities (pipeline v5; "
+            "record_outcome too, when an ETL does not succeed): they run inside workflow "
+            "tasks, so their time is in "
             "'workflow tasks ran on the worker'. Queued: scheduled → started; ran: "
             "started → completed.",
             table(("segment", *results.where_columns), results.where),
