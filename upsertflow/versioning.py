@@ -15,6 +15,7 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import logging
+from datetime import timedelta
 from functools import cache
 from pathlib import Path
 
@@ -137,8 +138,10 @@ async def set_current(client: Client, version: WorkerDeploymentVersion) -> None:
 
     The server refuses (`FAILED_PRECONDITION`) while the version's workers have not yet
     polled every task queue the current version serves — a worker polls its workflow and
-    activity queues one after the other: look again until they have. Waits as long as it
-    takes: bound it with `asyncio.timeout`.
+    activity queues one after the other: look again until they have. A call the server
+    does not answer within `_SET_CURRENT_TIMEOUT` (it routes the change through a workflow
+    of its own, slow on a busy server) is made again. Waits as long as it takes: bound it
+    with `asyncio.timeout`.
     """
     while True:
         described = await wait_until_registered(client, version)
@@ -148,7 +151,7 @@ async def set_current(client: Client, version: WorkerDeploymentVersion) -> None:
             await _set_current(client, version, described.conflict_token)
             return
         except RPCError as error:
-            if error.status != RPCStatusCode.FAILED_PRECONDITION:
+            if error.status not in _SET_CURRENT_AGAIN:
                 raise
             log.info("waiting for the version's workers to poll: %s", error.message)
             await asyncio.sleep(0.2)
@@ -180,6 +183,17 @@ async def make_current_if_unset(client: Client, version: WorkerDeploymentVersion
         return True
 
 
+#: How long one call to make a version current may take before it is made again.
+_SET_CURRENT_TIMEOUT = timedelta(seconds=10)
+#: What `set_current` looks again after: the version's workers have not polled yet, or
+#: the server did not answer in time.
+_SET_CURRENT_AGAIN = (
+    RPCStatusCode.FAILED_PRECONDITION,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+    RPCStatusCode.CANCELLED,
+)
+
+
 async def _set_current(
     client: Client, version: WorkerDeploymentVersion, conflict_token: bytes
 ) -> None:
@@ -190,5 +204,6 @@ async def _set_current(
             build_id=version.build_id,
             conflict_token=conflict_token,
             identity=client.identity,
-        )
+        ),
+        timeout=_SET_CURRENT_TIMEOUT,
     )
