@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import uuid
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.worker import Worker
 
 from tests.helpers import wait_for_etl
+from upsertflow.contracts import StepInput, StepState, StepStatus
 from upsertflow.models import ResourceContext
 from workflows import pipeline
 
@@ -87,3 +89,32 @@ async def test_the_filter_is_validated(api: httpx.AsyncClient) -> None:
         answer = await api.get("/resources", params={"pipeline_version_lt": value})
         assert answer.status_code == 422, answer.text
         assert answer.headers["content-type"] == "application/problem+json"
+
+
+def test_only_a_load_may_record_the_success_of_a_pipeline() -> None:
+    newest = pipeline.PIPELINES[pipeline.newest()]
+    assert newest.last_step_records_success
+    enrich_last = tuple(step for step in newest.steps if step.name != "load")
+    # Any other last step would leave the ETL running in PostgreSQL after it succeeded.
+    with pytest.raises(AssertionError, match="enrich"):
+        dataclasses.replace(newest, steps=enrich_last)
+
+
+def test_a_load_recorded_by_a_worker_whose_clock_is_behind_never_ends_before_it_started() -> None:
+    started = datetime.now(UTC) + timedelta(minutes=5)  # the server's clock, ahead
+    step = StepInput(
+        resource_id="r",
+        version=1,
+        step="load",
+        previous_step="enrich",
+        steps=[
+            StepState(name="normalize", status=StepStatus.SUCCEEDED, attempts=1),
+            StepState(name="load", status=StepStatus.RUNNING, started_at=started),
+        ],
+    )
+
+    normalize, load = step.succeeded_steps(attempt=2, stats={"records": 3})
+
+    assert normalize == step.steps[0]  # type: ignore[index]
+    assert (load.status, load.attempts, load.stats) == (StepStatus.SUCCEEDED, 2, {"records": 3})
+    assert load.finished_at == started

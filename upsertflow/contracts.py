@@ -128,13 +128,19 @@ class StepInput(BaseModel):
     steps: list[StepState] | None = None
 
     def succeeded_steps(self, attempt: int, stats: dict[str, int]) -> list[StepState]:
-        """`steps`, this step's state completed: succeeded now, at `attempt`, with `stats`."""
+        """`steps`, this step's state completed: succeeded now, at `attempt`, with `stats`.
+
+        Now is the worker's clock, `started_at` the workflow's (the server's): a step never
+        ends before it started, whatever the skew between them.
+        """
         assert self.steps, "only a last step given the steps records the success"
-        done = self.steps[-1].model_copy(
+        step = self.steps[-1]
+        now = datetime.now(UTC)
+        done = step.model_copy(
             update={
                 "status": StepStatus.SUCCEEDED,
                 "attempts": attempt,
-                "finished_at": datetime.now(UTC),
+                "finished_at": max(now, step.started_at) if step.started_at else now,
                 "stats": stats,
             }
         )

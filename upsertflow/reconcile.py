@@ -1,6 +1,7 @@
 """Bring the stored ETL status of a version in line with its workflow in Temporal.
 
-The workflow records how its ETL ended (`record_outcome`). When it cannot — an
+The workflow records how its ETL ended (its `load` when it succeeded, from pipeline v5;
+`record_outcome` otherwise). When it cannot — an
 operator terminated it in the UI or CLI, it timed out, its last activity ran out
 of its deadline — PostgreSQL would say `pending`/`running` forever. Whoever
 reads such a status (the API, and the janitor now and then) asks Temporal how

@@ -153,7 +153,10 @@ async def set_current(client: Client, version: WorkerDeploymentVersion) -> None:
         except RPCError as error:
             if error.status not in _SET_CURRENT_AGAIN:
                 raise
-            log.info("waiting for the version's workers to poll: %s", error.message)
+            if error.status == RPCStatusCode.FAILED_PRECONDITION:
+                log.info("waiting for the version's workers to poll: %s", error.message)
+            else:
+                log.info("the server did not answer in time; looking again: %s", error.message)
             await asyncio.sleep(0.2)
 
 
@@ -162,17 +165,23 @@ async def make_current_if_unset(client: Client, version: WorkerDeploymentVersion
 
     That is a deployment's first version: until a version is current its workers get no new
     workflows. Any later version is made current by the operator. Return whether this call
-    made it current. Waits for the version to be registered: bound it with `asyncio.timeout`.
+    made it current (or a call of it the server did not answer in time). Waits for the
+    version to be registered: bound it with `asyncio.timeout`.
     """
+    unanswered = False
     while True:
         described = await wait_until_registered(client, version)
         routing = described.worker_deployment_info.routing_config
+        if unanswered and current_build_id(described) == version.build_id:
+            return True  # the call the server did not answer in time made it current
         if current_build_id(described) or routing.ramping_deployment_version.build_id:
             return False
         try:
             await _set_current(client, version, described.conflict_token)
         except RPCError as error:
-            # Another worker changed the deployment since it was described: look again.
+            # Another worker changed the deployment since it was described, or the server
+            # did not answer in time: look again.
+            unanswered = error.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
             log.info("retrying to make the first version current: %s", error.message)
             await asyncio.sleep(0.5)
             continue

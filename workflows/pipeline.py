@@ -115,6 +115,12 @@ class Pipeline:
     #: run's steps, `StepInput.steps`): no `record_outcome` after a load that succeeded.
     last_step_records_success: bool = False
 
+    def __post_init__(self) -> None:
+        if self.last_step_records_success:
+            # Only `load` records the outcome with its work: any other last step would
+            # leave the ETL running in PostgreSQL until the reconciler looked.
+            assert self.steps[-1].activity is ResourceActivities.load, self.steps[-1].name
+
     def activities(self) -> list[Callable[..., Any]]:
         """The activity methods this pipeline calls."""
         return [
@@ -228,10 +234,11 @@ PIPELINES: dict[int, Pipeline] = {
         steps=(replace(_NORMALIZE, local=True), _ENRICH, replace(_LOAD, local=True)),
         announce_running=False,
     ),
-    # `load` records the ETL's success in its own transaction: the context and its
-    # `succeeded` are committed together (no context loaded while its ETL still says
-    # running), and a succeeded upsert costs one local activity, one PostgreSQL transaction
-    # and one worker activation fewer. `record_outcome` records every other ending.
+    # `load` records the ETL's success in its own transaction: the run's context and its
+    # `succeeded` are committed together (no window between them for a crash or a
+    # terminate), and a succeeded upsert costs one local activity, one PostgreSQL
+    # transaction and one worker activation fewer. `record_outcome` records every other
+    # ending.
     5: Pipeline(
         persist=_AROUND_LOCAL,
         claim_etl=_AROUND_LOCAL,

@@ -289,8 +289,8 @@ async def load_context(
     return their number. Idempotent: if this run loaded it already, return that number.
 
     `succeeded` (pipeline v5): the ETL's steps, given the number of records loaded; the
-    load records the ETL as succeeded with them, in its transaction: no context loaded
-    while its ETL still says running, and no `record_outcome` after it.
+    load records the ETL as succeeded with them, in its transaction (no window between the
+    two for a crash or a terminate), and no `record_outcome` after it.
 
     None (nothing written) if the version is no longer current, its ETL is no longer this
     workflow's, or a newer version's context is loaded; a new run of the same version (an
