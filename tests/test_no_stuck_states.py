@@ -35,7 +35,9 @@ from upsertflow.contracts import EtlProgress, UpsertRequest
 from upsertflow.janitor import collect
 from upsertflow.models import Blob, BlobClaim, ResourceVersion, StepOutput
 from upsertflow.settings import Janitor, Settings
+from upsertflow.store import versions
 from worker import build_worker, enrichment_client
+from workflows.pipeline import OUTPUT_VERSION
 
 ASYNC = {"Prefer": "respond-async"}
 INFO = {"Contact": {"Country": "FR", "Email": "someone@example.org"}, "Age": "42"}
@@ -286,6 +288,61 @@ async def test_a_workflow_reset_in_the_cli_finishes_its_etl_in_the_new_run(
     assert final["context"] == CONTEXT
     assert final["etl"]["run_id"] != created.json()["etl"]["run_id"]
     assert result["status"] == "succeeded"
+
+
+async def test_a_succeeded_workflow_reset_to_its_load_succeeds_again_with_its_context(
+    api: httpx.AsyncClient,
+    run_worker: Callable[..., Any],
+    client: Client,
+    resource_id: str,
+) -> None:
+    # The load deleted the step outputs it loaded; a reset to the last workflow task runs
+    # the load again, without the steps before it.
+    async with run_worker():
+        created = await api.put(f"/resources/{resource_id}", json={"info": INFO})
+        workflow_id = created.json()["etl"]["workflow_id"]
+        await client.get_workflow_handle(workflow_id).result()
+        _temporal_cli(
+            "workflow",
+            "reset",
+            "--workflow-id",
+            workflow_id,
+            "--type",
+            "LastWorkflowTask",
+            "--reason",
+            "ops",
+        )
+        result = await client.get_workflow_handle(workflow_id).result()
+        final = (await api.get(f"/resources/{resource_id}")).json()
+        etl = (await api.get(f"/resources/{resource_id}/etl")).json()
+
+    assert result["status"] == "succeeded", result
+    assert result["steps"][-1]["stats"] == {"records": len(CONTEXT)}
+    assert (final["version"], final["context_version"]) == (1, 1)
+    assert final["context"] == CONTEXT
+    assert etl["status"] == "succeeded" and etl["error"] is None, etl
+
+
+async def test_a_load_without_its_input_keeps_only_a_context_of_its_own_pipeline(
+    api: httpx.AsyncClient,
+    run_worker: Callable[..., Any],
+    client: Client,
+    sessions: async_sessionmaker[AsyncSession],
+    resource_id: str,
+) -> None:
+    async with run_worker():
+        created = await api.put(f"/resources/{resource_id}", json={"info": INFO})
+        workflow_id = created.json()["etl"]["workflow_id"]
+        await client.get_workflow_handle(workflow_id).result()
+    # Another run of the same ETL loads again, its input gone with the first load.
+    load = (resource_id, 1, workflow_id, "another-run", "enrich")
+
+    kept = await versions.load_context(sessions, *load, OUTPUT_VERSION)
+    with pytest.raises(versions.OutputMissing):  # a context computed otherwise: not kept
+        await versions.load_context(sessions, *load, OUTPUT_VERSION + 1)
+
+    assert kept == len(CONTEXT)
+    assert (await api.get(f"/resources/{resource_id}")).json()["context"] == CONTEXT
 
 
 async def test_the_janitor_reconciles_a_terminated_workflow_nobody_asked_about(

@@ -188,6 +188,9 @@ _LOAD_CHECK = text(f"""
     SELECT resource.version = :version AND {OWNS_ETL} AS owned,
            context.version AS loaded,
            coalesce(context.version = :version AND context.run_id = :run_id, false) AS ours,
+           coalesce(context.version = :version
+                    AND context.pipeline_version IS NOT DISTINCT FROM :pipeline_version,
+                    false) AS same_load,
            context.record_count,
            output.body
     FROM resources AS resource
@@ -294,7 +297,10 @@ async def load_context(
 
     None (nothing written) if the version is no longer current, its ETL is no longer this
     workflow's, or a newer version's context is loaded; a new run of the same version (an
-    ETL retry) replaces the context. Raises `OutputMissing` if there is nothing to load.
+    ETL retry) replaces the context. If the output is gone but this version's context,
+    by this pipeline, is loaded already — a run reset past its steps after its load, which
+    deleted the outputs — that context is kept and its number returned. Raises
+    `OutputMissing` if there is nothing to load.
 
     The worker cuts the records in chunks (a thread for a large output) and PostgreSQL
     parses each: cutting them in SQL (expanding, sorting and aggregating every record) cost
@@ -306,6 +312,7 @@ async def load_context(
         "workflow_id": workflow_id,
         "run_id": run_id,
         "step": source_step,
+        "pipeline_version": pipeline_version,
     }
     async with transactions(sessions).begin() as connection:
         state = (await connection.execute(_LOAD_CHECK, params)).one_or_none()
@@ -315,7 +322,26 @@ async def load_context(
         if state is None or not state.owned or (state.loaded or 0) > version:
             return None
         if state.body is None:
-            raise OutputMissing(f"{source_step} of {resource_id} v{version}")
+            if not state.same_load:
+                raise OutputMissing(f"{source_step} of {resource_id} v{version}")
+            # This version's context, by this pipeline, is loaded, and its outputs deleted
+            # with that load: a run of this ETL reset past its steps after it loaded (the
+            # Web UI's or the CLI's reset to the last workflow task). That context is what
+            # this load would write: keep it, and record the success with it.
+            count = state.record_count
+            if succeeded is not None:
+                await connection.execute(
+                    _RECORD_OUTCOME,
+                    {
+                        "resource_id": resource_id,
+                        "version": version,
+                        "workflow_id": workflow_id,
+                        "status": str(EtlStatus.SUCCEEDED),
+                        "steps": _steps_json(succeeded(count)),
+                        "error": None,
+                    },
+                )
+            return count
         chunks = await off_loop(chunked, state.body, inline=len(state.body) <= INLINE_BYTES)
         await connection.execute(
             _LOAD,
