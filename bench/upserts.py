@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import os
 import platform
 import signal
@@ -58,8 +59,17 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 #: Seconds to wait for any workflow, or for all of those of the throughput metric.
 TIMEOUT = 600
 
-#: Calls time one request and return (seconds, workflow id).
-Call = Callable[[int], Awaitable[tuple[float, str]]]
+
+class Sent(NamedTuple):
+    """One timed request: when it was sent, how long its answer took, its workflow."""
+
+    at: float  # `time.perf_counter()` when the request left: its body was built before
+    answer: float  # seconds until the answer
+    workflow_id: str
+
+
+#: Calls build one request, then time it (not the building: the client's work).
+Call = Callable[[int], Awaitable[Sent]]
 
 
 class Samples(NamedTuple):
@@ -197,7 +207,7 @@ class Bench:
 
     # The calls: each times one request and returns the id of the workflow it started.
 
-    async def bare_update_with_start(self, _index: int) -> tuple[float, str]:
+    async def bare_update_with_start(self, _index: int) -> Sent:
         workflow_id = f"bare-{uuid.uuid4().hex}"
         operation = WithStartWorkflowOperation(
             BareUpsert.run,
@@ -210,15 +220,15 @@ class Bench:
         await self.client.execute_update_with_start_workflow(
             BareUpsert.first_done, start_workflow_operation=operation
         )
-        return time.perf_counter() - started, workflow_id
+        return Sent(started, time.perf_counter() - started, workflow_id)
 
-    async def bare_start(self, _index: int) -> tuple[float, str]:
+    async def bare_start(self, _index: int) -> Sent:
         workflow_id = f"bare-{uuid.uuid4().hex}"
         started = time.perf_counter()
         await self.client.start_workflow(
             BareUpsert.run, self.args.activities, id=workflow_id, task_queue=self.queue
         )
-        return time.perf_counter() - started, workflow_id
+        return Sent(started, time.perf_counter() - started, workflow_id)
 
     def put(
         self, prefix: str, info_bytes: int, prefer_async: bool = False, accept: tuple[int, ...] = ()
@@ -229,7 +239,7 @@ class Bench:
             headers["Prefer"] = "respond-async"
         accept = accept or ((202,) if prefer_async else (201,))
 
-        async def call(index: int) -> tuple[float, str]:
+        async def call(index: int) -> Sent:
             resource_id = f"{prefix}-{self.run}-{index}"
             content = body(resource_id, info_bytes)
             started = time.perf_counter()
@@ -240,7 +250,7 @@ class Bench:
             if response.status_code not in accept:
                 raise RuntimeError(f"PUT {resource_id}: {response.status_code} {response.text}")
             answer = response.json()
-            return elapsed, answer.get("workflow_id") or answer["etl"]["workflow_id"]
+            return Sent(started, elapsed, answer.get("workflow_id") or answer["etl"]["workflow_id"])
 
         return call
 
@@ -362,9 +372,12 @@ class Bench:
         worker = self.stack.worker.pid
         assert worker is not None
         reset_peak_rss(worker)
+        content = json.dumps({"info": info}).encode()
         started = time.perf_counter()
         response = await self.http.put(
-            f"/resources/{resource_id}", json={"info": info}, headers={"Prefer": "respond-async"}
+            f"/resources/{resource_id}",
+            content=content,
+            headers={"Content-Type": "application/json", "Prefer": "respond-async"},
         )
         if response.status_code != 202:
             raise RuntimeError(f"PUT {resource_id}: {response.status_code} {response.text}")
@@ -401,13 +414,12 @@ class Bench:
         samples = [Samples([], [], []) for _ in calls]
         for index in range(-warmup, runs):
             for call, sample in zip(calls, samples, strict=True):
-                started = time.perf_counter()
-                answer, workflow_id = await call(index)
-                await self.finish(workflow_id)
+                sent = await call(index)
+                await self.finish(sent.workflow_id)
                 if index >= 0:
-                    sample.answers.append(answer)
-                    sample.totals.append(time.perf_counter() - started)
-                    sample.ids.append(workflow_id)
+                    sample.answers.append(sent.answer)
+                    sample.totals.append(time.perf_counter() - sent.at)
+                    sample.ids.append(sent.workflow_id)
         return samples
 
     async def flood(
@@ -420,9 +432,9 @@ class Bench:
 
         async def one(index: int) -> None:
             async with slots:
-                answer, workflow_id = await call(index)
-            answers.append(answer)
-            ids.append(workflow_id)
+                sent = await call(index)
+            answers.append(sent.answer)
+            ids.append(sent.workflow_id)
 
         started = time.perf_counter()
         await asyncio.gather(*(one(index) for index in range(self.args.m)))
