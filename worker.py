@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
+import uvloop
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.common import WorkerDeploymentVersion
@@ -159,7 +160,12 @@ async def run(settings: Settings) -> None:
     try:
         async with worker, reprocess_worker:
             log.info(
-                "worker started", extra={"task_queue": settings.task_queue, **_described(version)}
+                "worker started",
+                extra={
+                    "task_queue": settings.task_queue,
+                    "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                    **_described(version),
+                },
             )
             if version is not None:
                 first_version = asyncio.create_task(_make_current_if_unset(client, version))
@@ -192,6 +198,13 @@ def _log_failure(task: asyncio.Task[bool]) -> None:
         log.error("could not check the deployment's current version: %s", error)
 
 
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop the worker runs on (`Settings.worker.event_loop`); None: asyncio's."""
+    if name == "uvloop":
+        return uvloop.new_event_loop
+    return None
+
+
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
@@ -200,7 +213,8 @@ def main() -> None:
     except tracing.TracingConfigError as error:
         raise SystemExit(f"upsertflow-worker: not starting: {error}") from None
     try:
-        asyncio.run(run(settings))
+        with asyncio.Runner(loop_factory=_loop_factory(settings.worker.event_loop)) as runner:
+            runner.run(run(settings))
     finally:
         if traced:
             traced.shutdown()

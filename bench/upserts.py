@@ -40,6 +40,7 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 import httpx
+import uvloop
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WithStartWorkflowOperation
@@ -160,6 +161,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="a dynamic config value for the dev server (default: none, as `make dev`)",
     )
+    add(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of this process, which runs the client and the baseline's worker "
+        "(default: asyncio, the SDK's; upsertflow's worker runs on uvloop)",
+    )
     add("--results", type=Path, default=RESULTS, help="where to write the table")
     return parser.parse_args(argv)
 
@@ -179,6 +187,8 @@ def command(args: argparse.Namespace) -> str:
         options += f" --only {','.join(args.only)}"
     for value in args.dev_server_config:
         options += f" --dev-server-config {value}"
+    if args.loop != "asyncio":
+        options += f" --loop {args.loop}"
     return f"{python} -m bench.upserts {options}"
 
 
@@ -673,8 +683,9 @@ def report(args: argparse.Namespace, results: Results, seconds: float, busy: flo
         "should be near 0: anything else running slows the two columns unevenly).",
         f"Command: `{command(args)}` (took {seconds:.0f} s).",
         "Baseline: `bench.baseline.BareUpsert` on the same dev server, run by an in-process "
-        "worker on a task queue of its own. upsertflow: the stack of `make dev` over real "
-        "HTTP. Ratio: upsertflow / baseline.",
+        f"worker on a task queue of its own, on {args.loop}'s event loop. upsertflow: the "
+        "stack of `make dev` over real HTTP (its worker on uvloop's). Ratio: upsertflow / "
+        "baseline.",
         table(("metric", "baseline", "upsertflow", "ratio"), results.metrics),
         "\n".join(legend),
     ]
@@ -748,7 +759,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(f"starting the stack in {tmp}", flush=True)
             stack.start()
-            results = asyncio.run(supervise(stack, measure(stack, args)))
+            factory = uvloop.new_event_loop if args.loop == "uvloop" else None
+            with asyncio.Runner(loop_factory=factory) as runner:
+                results = runner.run(supervise(stack, measure(stack, args)))
         except KeyboardInterrupt:
             print("interrupted: stopping everything", file=sys.stderr)
             raise SystemExit(130) from None

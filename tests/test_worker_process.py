@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 import uuid
@@ -22,7 +23,15 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def stack(settings: Settings, database_url: str, temporal_address: str) -> Iterator[Stack]:
     """A worker process of the dev stack on the suite's servers and a task queue of its own."""
-    config = StackConfig(
+    with Stack(_config(settings, database_url, temporal_address)) as running:
+        yield running
+
+
+def _config(
+    settings: Settings, database_url: str, temporal_address: str, **env: str
+) -> StackConfig:
+    """One worker (no API) on the suite's servers, a task queue of its own, and `env`."""
+    return StackConfig(
         database_url=database_url,
         temporal_address=temporal_address,
         enrichment_url=settings.enrichment.url,
@@ -33,10 +42,46 @@ def stack(settings: Settings, database_url: str, temporal_address: str) -> Itera
             "UPSERTFLOW_LOG_FORMAT": "json",
             # The API of the test (in-process) encrypts with the suite's key.
             "UPSERTFLOW_CODEC__KEYS": settings.codec.keys.get_secret_value(),
+            **env,
         },
     )
-    with Stack(config) as running:
-        yield running
+
+
+def _started(worker_log: str) -> dict[str, object]:
+    """The worker's "worker started" log record (JSON logs)."""
+    for line in worker_log.splitlines():
+        if line.startswith("{") and json.loads(line).get("event") == "worker started":
+            return dict(json.loads(line))
+    raise AssertionError(f"no 'worker started' record in:\n{worker_log}")
+
+
+async def test_the_worker_runs_on_uvloop_or_on_the_event_loop_it_is_told(
+    settings: Settings,
+    stack: Stack,
+    database_url: str,
+    temporal_address: str,
+    resource_id: str,
+) -> None:
+    assert _started(stack.worker.tail())["event_loop"] == "uvloop"
+
+    config = _config(
+        settings, database_url, temporal_address, UPSERTFLOW_WORKER__EVENT_LOOP="asyncio"
+    )
+    with Stack(config) as plain:
+        assert _started(plain.worker.tail())["event_loop"] == "asyncio"
+        app = create_app(
+            settings.model_copy(update={"task_queue": config.env["UPSERTFLOW_TASK_QUEUE"]})
+        )
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(
+                transport=transport, base_url="http://api", headers=auth_headers(settings)
+            ) as api:
+                created = await api.put(f"/resources/{resource_id}", json={"info": {"Age": "7"}})
+                assert created.status_code == 201, created.text
+                done = await wait_for_etl(api, resource_id, version=1, within=60)
+    assert done["etl"]["status"] == "succeeded", plain.tails()
+    assert done["context"] == {"age": 7}
 
 
 async def test_sigterm_lets_the_running_activity_finish(

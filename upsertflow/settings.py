@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -137,6 +138,12 @@ class Worker(BaseModel):
     #: replay every recorded history in the sandbox, and the policy tests run the
     #: workflows in it (`tests/test_sandbox.py`). On: the guard in production too.
     sandboxed: bool = False
+    #: The worker's event loop: `uvloop` (libuv, by asyncpg's authors; uvicorn runs the API
+    #: on it too) or the standard library's `asyncio` one. uvloop costs the worker ~20 %
+    #: less CPU per upsert (its socket writes, callbacks from the SDK's threads, timers;
+    #: `bench/RESULTS.md`). Workflow code never sees it: the SDK runs workflows on its own
+    #: deterministic loop either way.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     #: Run as a version of a Worker Deployment (Worker Versioning), its workflows pinned: a
     #: running upsert finishes on the code it started with. False: an unversioned worker,
     #: for a Temporal server without Worker Versioning (< 1.29).
