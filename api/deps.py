@@ -1,4 +1,8 @@
-"""Typed dependencies: the settings, a database session, the Temporal client."""
+"""Typed dependencies: the settings, a database session, the Temporal client.
+
+Each is `async def`, though none awaits: FastAPI runs a plain `def` dependency in its
+thread pool, a hand-off to a thread and back on every request for each one.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from temporalio.client import Client
 from upsertflow.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
@@ -22,12 +26,12 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
+async def get_sessions(request: Request) -> async_sessionmaker[AsyncSession]:
     sessions: async_sessionmaker[AsyncSession] = request.app.state.sessions
     return sessions
 
 
-def get_temporal(request: Request) -> Client:
+async def get_temporal(request: Request) -> Client:
     client: Client = request.app.state.temporal
     return client
 
