@@ -36,7 +36,17 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import httpx
 from sqlalchemy import text
 
-from bench.common import Row, body, count_etls, pct, peak_rss_kib, reset_peak_rss, rss_kib, table
+from bench.common import (
+    Row,
+    body,
+    count_etls,
+    host_steal_seconds,
+    pct,
+    peak_rss_kib,
+    reset_peak_rss,
+    rss_kib,
+    table,
+)
 
 if TYPE_CHECKING:
     from bench.stack import Stack
@@ -63,6 +73,10 @@ class Section(NamedTuple):
 
     rows: list[Row]  # metric, baseline ("—"), upsertflow, ratio ("—")
     text: str  # markdown
+
+
+#: In a sample's CPU seconds: the CPU time the host took from this machine (not a process).
+STOLEN = "stolen by the host"
 
 
 class Sample(NamedTuple):
@@ -168,7 +182,7 @@ async def drain(bench: Bench) -> Section:
                 Sample(
                     now - t0,
                     {name: rss_kib(pid) for name, pid in pids.items()},
-                    stack.cpu_seconds(),
+                    {**stack.cpu_seconds(), STOLEN: host_steal_seconds()},
                 )
             )
             if ended > last_ended:
@@ -290,7 +304,10 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
         return (*cells, busy, *(mib(rss[name]) for name in names)), rate
 
     whole = cpu_between(drain.samples, 0.0, total)
-    busiest = sorted(whole, key=whole.__getitem__, reverse=True)[:3]
+    # The three busiest processes, and what the host took: a phase that did less work with
+    # the same CPU busy may have had less CPU to use than it looked.
+    processes = [name for name in whole if name != STOLEN]
+    busiest = [*sorted(processes, key=whole.__getitem__, reverse=True)[:3], STOLEN]
 
     rates: list[float] = []
     rows: list[Row] = [("start", "0", "—", "", "—", "", "", *map(mib, drain.start_rss.values()))]
@@ -308,6 +325,10 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
     milestones = " / ".join(
         f"{finished[math.ceil(k * len(finished) / 4) - 1]:.0f}" for k in range(1, 5)
     )
+    # The drain's tail: the last 1 % of the ETLs, once the backlog is nearly out (fewer
+    # workflows left than the worker's slots) — part of the last quarter, at a lower rate.
+    last_pct = max(len(finished) // 100, 1)
+    tail = finished[-1] - finished[-last_pct - 1] if len(finished) > last_pct else 0.0
     errors = drain.errors.total() + drain.etls_not_succeeded
     if errors:
         said = ", ".join(f"{count} × {what}" for what, count in drain.errors.most_common())
@@ -325,7 +346,8 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
         f"**{ratio:.2f}** "
         f"(goal: within {FLAT:.0%}: {'met' if flat else 'not met'}). The first ETL ended "
         f"after {finished[0]:.1f} s; a quarter, half, three quarters and all of them after "
-        f"{milestones} s; from its 202 to its ETL's end an upsert took p50 "
+        f"{milestones} s, the last {last_pct:,} in the last {tail:.1f} s; from its 202 to its "
+        f"ETL's end an upsert took p50 "
         f"{pct(latencies, 50):.0f} s, p90 {pct(latencies, 90):.0f} s, at most "
         f"{latencies[-1]:.0f} s (`{slowest}`). "
         f"{error_text}."
@@ -356,7 +378,9 @@ def report(args: argparse.Namespace, drain: Drain) -> Section:
             "together, most ETLs would end late; *steps ended* shows which steps each phase "
             "did (the same number of each: workflows taken on one after the other, start to "
             "end). *CPU cores busy*: CPU "
-            "seconds per second of the phase, by process (2: both cores). Attempts beyond "
+            "seconds per second of the phase, by process (2: both cores); *stolen by the "
+            "host*: CPU time the hypervisor gave other guests while this machine's CPUs were "
+            "ready to run (`steal` in `/proc/stat`). Attempts beyond "
             "the first, by step: "
             + (", ".join(f"{k} {v:,}" for k, v in sorted(drain.retries.items())) or "none")
             + f". RSS: `VmRSS` at the last poll (every {POLL:g} s) of the phase; start: "

@@ -7,6 +7,7 @@ Kept apart from `bench.upserts` so that its sections in other modules (`bench.ba
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,6 +64,13 @@ def _status_kib(pid: int, field: str) -> int:
         if line.startswith(f"{field}:"):
             return int(line.split()[1])
     raise LookupError(f"no {field} for {pid}")
+
+
+def host_steal_seconds() -> float:
+    """CPU time the hypervisor gave to other guests while this machine's CPUs were ready to
+    run (`steal` in `/proc/stat`), all CPUs together, so far."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
