@@ -16,7 +16,6 @@ from datetime import timedelta
 from typing import Any
 
 import httpx
-import uvloop
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.common import WorkerDeploymentVersion
@@ -31,6 +30,7 @@ from activities.resources import ResourceActivities
 from activities.webhooks import WebhookActivities
 from upsertflow import temporal, tracing, versioning
 from upsertflow.db import create_engine, create_sessionmaker
+from upsertflow.event_loops import loop_factory, running_loop_name
 from upsertflow.http import CancelSafeTransport
 from upsertflow.janitor import run_periodically
 from upsertflow.logs import configure_logging
@@ -163,7 +163,7 @@ async def run(settings: Settings) -> None:
                 "worker started",
                 extra={
                     "task_queue": settings.task_queue,
-                    "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+                    "event_loop": running_loop_name(),
                     **_described(version),
                 },
             )
@@ -198,13 +198,6 @@ def _log_failure(task: asyncio.Task[bool]) -> None:
         log.error("could not check the deployment's current version: %s", error)
 
 
-def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """The event loop the worker runs on (`Settings.worker.event_loop`); None: asyncio's."""
-    if name == "uvloop":
-        return uvloop.new_event_loop
-    return None
-
-
 def main() -> None:
     settings = get_settings()
     configure_logging(settings)
@@ -213,7 +206,7 @@ def main() -> None:
     except tracing.TracingConfigError as error:
         raise SystemExit(f"upsertflow-worker: not starting: {error}") from None
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(settings.worker.event_loop)) as runner:
+        with asyncio.Runner(loop_factory=loop_factory(settings.worker.event_loop)) as runner:
             runner.run(run(settings))
     finally:
         if traced:

@@ -40,7 +40,6 @@ from types import FrameType
 from typing import Any, NamedTuple
 
 import httpx
-import uvloop
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client, WithStartWorkflowOperation
@@ -54,6 +53,7 @@ from bench.hot import hot_ids
 from bench.stack import REPO_ROOT, Stack
 from devstack import venv_binary
 from upsertflow import temporal
+from upsertflow.event_loops import loop_factory
 from upsertflow.settings import Limits
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -759,8 +759,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             print(f"starting the stack in {tmp}", flush=True)
             stack.start()
-            factory = uvloop.new_event_loop if args.loop == "uvloop" else None
-            with asyncio.Runner(loop_factory=factory) as runner:
+            with asyncio.Runner(loop_factory=loop_factory(args.loop)) as runner:
                 results = runner.run(supervise(stack, measure(stack, args)))
         except KeyboardInterrupt:
             print("interrupted: stopping everything", file=sys.stderr)

@@ -20,10 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from api.main import create_app
 from devstack import EmbeddedPostgres, TemporalDevServer, free_port, migrate
 from devstack.stack import enrichment_service
-from tests.helpers import auth_headers
+from tests.helpers import api_client
 from upsertflow import temporal
 from upsertflow.codec import CodecKey
 from upsertflow.db import create_engine, create_sessionmaker
@@ -152,14 +151,8 @@ async def worker(
 @pytest.fixture
 async def api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The ASGI app with its lifespan run, over httpx."""
-    app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        headers = auth_headers(settings)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api", headers=headers
-        ) as http:
-            yield http
+    async with api_client(settings) as http:
+        yield http
 
 
 @pytest.fixture

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
+from api.main import create_app
 from api.security import Scope
 from api.tokens import mint
 from upsertflow.models import ResourceContext
@@ -25,6 +27,18 @@ def auth_headers(settings: Settings, *scopes: str, subject: str = "test") -> dic
     """`Authorization: Bearer <token>` for an API of `settings`: every scope unless `scopes`."""
     token = mint(settings.auth, subject=subject, scopes=scopes or tuple(Scope))
     return {"Authorization": f"Bearer {token}"}
+
+
+@asynccontextmanager
+async def api_client(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
+    """The API of `settings`, in-process with its lifespan run, over httpx, authorized."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api", headers=auth_headers(settings)
+        ) as http:
+            yield http
 
 
 def ended_etl(response: httpx.Response, version: int | None) -> dict[str, Any] | None:

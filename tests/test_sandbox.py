@@ -24,8 +24,7 @@ from temporalio.client import Client
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
 
-from api.main import create_app
-from tests.helpers import auth_headers, wait_for_etl
+from tests.helpers import api_client, wait_for_etl
 from tests.test_reprocess import ended, reprocess_worker, seed, start, wait_job
 from tests.test_webhooks import SECRET, Receiver, receiver
 from upsertflow.settings import Settings, Webhooks
@@ -81,38 +80,33 @@ async def test_every_workflow_runs_in_the_sandbox(
     receiver: Receiver,
     resource_id: str,
 ) -> None:
-    app = create_app(sandboxed)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api", headers=auth_headers(sandboxed)
-        ) as api:
-            # An upsert, answered by the `persisted` update, then its ETL.
-            created = await api.put(f"/resources/{resource_id}", json={"info": {"Country": "FR"}})
-            assert created.status_code == 201, created.text
-            first = await wait_for_etl(api, resource_id, 1)
-            assert first["etl"]["status"] == "succeeded", first["etl"]
-            assert first["context"]["country.country_name"] == "France"
+    async with api_client(sandboxed) as api:
+        # An upsert, answered by the `persisted` update, then its ETL.
+        created = await api.put(f"/resources/{resource_id}", json={"info": {"Country": "FR"}})
+        assert created.status_code == 201, created.text
+        first = await wait_for_etl(api, resource_id, 1)
+        assert first["etl"]["status"] == "succeeded", first["etl"]
+        assert first["context"]["country.country_name"] == "France"
 
-            # Its ETL again (`claim_etl`), then both runs' webhooks delivered.
-            retry = await api.post(f"/resources/{resource_id}/etl/retry")
-            assert retry.status_code == 202, retry.text
-            retried = retry.json()["workflow_id"]
-            await client.get_workflow_handle(retried).result()
-            for _ in range(600):
-                if len(receiver.received) >= 2:
-                    break
-                await asyncio.sleep(0.05)
-            events = [json.loads(body) for _, _, body in receiver.received]
-            assert sorted(event["workflow_id"] for event in events) == sorted(
-                [first["etl"]["workflow_id"], retried]
-            )
+        # Its ETL again (`claim_etl`), then both runs' webhooks delivered.
+        retry = await api.post(f"/resources/{resource_id}/etl/retry")
+        assert retry.status_code == 202, retry.text
+        retried = retry.json()["workflow_id"]
+        await client.get_workflow_handle(retried).result()
+        for _ in range(600):
+            if len(receiver.received) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        events = [json.loads(body) for _, _, body in receiver.received]
+        assert sorted(event["workflow_id"] for event in events) == sorted(
+            [first["etl"]["workflow_id"], retried]
+        )
 
-            # A reprocessing job over resources of its own, by the sandboxed workers.
-            prefix = f"sbx-{resource_id[-8:]}-"
-            ids = await seed(sessions, prefix, 3)
-            async with reprocess_worker(sandboxed_worker, sandboxed, sessions):
-                job_id = await start(api, id_prefix=prefix, concurrency=2)
-                done = await wait_job(api, job_id, ended)
+        # A reprocessing job over resources of its own, by the sandboxed workers.
+        prefix = f"sbx-{resource_id[-8:]}-"
+        ids = await seed(sessions, prefix, 3)
+        async with reprocess_worker(sandboxed_worker, sandboxed, sessions):
+            job_id = await start(api, id_prefix=prefix, concurrency=2)
+            done = await wait_job(api, job_id, ended)
     assert done["status"] == "completed", done
     assert done["progress"]["done"] == len(ids), done

@@ -12,9 +12,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from api.main import create_app
 from devstack import Stack, StackConfig
-from tests.helpers import auth_headers, wait_for_etl
+from tests.helpers import api_client, wait_for_etl
 from upsertflow.settings import Settings
 
 pytestmark = pytest.mark.e2e
@@ -47,11 +46,18 @@ def _config(
     )
 
 
+def _on_queue_of(settings: Settings, stack: Stack) -> Settings:
+    """The test's API settings on the stack's task queue: the worker and the API agree on a
+    task queue of the operator's choosing."""
+    return settings.model_copy(update={"task_queue": stack.env["UPSERTFLOW_TASK_QUEUE"]})
+
+
 def _started(worker_log: str) -> dict[str, object]:
     """The worker's "worker started" log record (JSON logs)."""
     for line in worker_log.splitlines():
-        if line.startswith("{") and json.loads(line).get("event") == "worker started":
-            return dict(json.loads(line))
+        record = json.loads(line) if line.startswith("{") else {}
+        if record.get("event") == "worker started":
+            return dict(record)
     raise AssertionError(f"no 'worker started' record in:\n{worker_log}")
 
 
@@ -69,17 +75,10 @@ async def test_the_worker_runs_on_uvloop_or_on_the_event_loop_it_is_told(
     )
     with Stack(config) as plain:
         assert _started(plain.worker.tail())["event_loop"] == "asyncio"
-        app = create_app(
-            settings.model_copy(update={"task_queue": config.env["UPSERTFLOW_TASK_QUEUE"]})
-        )
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://api", headers=auth_headers(settings)
-            ) as api:
-                created = await api.put(f"/resources/{resource_id}", json={"info": {"Age": "7"}})
-                assert created.status_code == 201, created.text
-                done = await wait_for_etl(api, resource_id, version=1, within=60)
+        async with api_client(_on_queue_of(settings, plain)) as api:
+            created = await api.put(f"/resources/{resource_id}", json={"info": {"Age": "7"}})
+            assert created.status_code == 201, created.text
+            done = await wait_for_etl(api, resource_id, version=1, within=60)
     assert done["etl"]["status"] == "succeeded", plain.tails()
     assert done["context"] == {"age": 7}
 
@@ -90,34 +89,28 @@ async def test_sigterm_lets_the_running_activity_finish(
     enrichment: httpx.AsyncClient,
     resource_id: str,
 ) -> None:
-    # The worker and the API agree on a task queue of the operator's choosing.
-    app = create_app(settings.model_copy(update={"task_queue": stack.env["UPSERTFLOW_TASK_QUEUE"]}))
     worker = stack.worker
     await enrichment.put("/_faults", json={"latency_ms": 3000})
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api", headers=auth_headers(settings)
-        ) as api:
-            created = await api.put(f"/resources/{resource_id}", json={"info": {"country": "FR"}})
-            assert created.status_code == 201, created.text
-            deadline = time.monotonic() + 20
-            while (await enrichment.get("/_stats")).json()["in_flight"] == 0:
-                assert time.monotonic() < deadline, "enrich never called the service"
-                await asyncio.sleep(0.05)
+    async with api_client(_on_queue_of(settings, stack)) as api:
+        created = await api.put(f"/resources/{resource_id}", json={"info": {"country": "FR"}})
+        assert created.status_code == 201, created.text
+        deadline = time.monotonic() + 20
+        while (await enrichment.get("/_stats")).json()["in_flight"] == 0:
+            assert time.monotonic() < deadline, "enrich never called the service"
+            await asyncio.sleep(0.05)
 
-            assert worker.process is not None
-            worker.process.send_signal(signal.SIGTERM)
-            exit_code = await asyncio.to_thread(worker.process.wait, 30)
+        assert worker.process is not None
+        worker.process.send_signal(signal.SIGTERM)
+        exit_code = await asyncio.to_thread(worker.process.wait, 30)
 
-            # The in-flight enrichment was answered and completed before the worker left.
-            stats = (await enrichment.get("/_stats")).json()
-            assert stats["by_status"] == {"200": 1}
-            assert exit_code == 0, worker.tail()
-            assert "worker stopped" in worker.tail()
-            await asyncio.to_thread(worker.start)  # a second worker process
-            done = await wait_for_etl(api, resource_id, version=1, within=60)
-            etl = (await api.get(f"/resources/{resource_id}/etl")).json()
+        # The in-flight enrichment was answered and completed before the worker left.
+        stats = (await enrichment.get("/_stats")).json()
+        assert stats["by_status"] == {"200": 1}
+        assert exit_code == 0, worker.tail()
+        assert "worker stopped" in worker.tail()
+        await asyncio.to_thread(worker.start)  # a second worker process
+        done = await wait_for_etl(api, resource_id, version=1, within=60)
+        etl = (await api.get(f"/resources/{resource_id}/etl")).json()
 
     assert done["etl"]["status"] == "succeeded"
     assert done["context"]["country.country_name"] == "France"
