@@ -45,8 +45,9 @@ from temporalio.exceptions import ApplicationError
 
 from activities.resources import superseded_result
 from upsertflow.contracts import StepInput, StepResult
+from upsertflow.literals import required_literals
 from upsertflow.logs import bounded
-from upsertflow.settings import Enrichment
+from upsertflow.settings import Enrichment, EnrichmentRule
 from upsertflow.store.steps import StepStore, off_loop
 
 #: 4xx answers that are worth retrying: the request itself was fine.
@@ -73,20 +74,39 @@ _MAX_PARSED_ERROR_BODY = 64 * 1024
 class _Rule:
     path: re.Pattern[str]
     kind: str
+    #: The literals one of which every path the pattern matches contains (None: unknown).
+    needs: tuple[str, ...] | None
+
+    @classmethod
+    def of(cls, rule: EnrichmentRule) -> _Rule:
+        pattern = re.compile(rule.path)
+        needs = required_literals(pattern)
+        return cls(pattern, rule.kind, None if needs is None else tuple(sorted(needs)))
 
 
 def select_items(records: dict[str, Any], rules: Iterable[_Rule]) -> list[dict[str, str]]:
-    """Return the enrichment requests for the records the rules select, in path order."""
-    items = []
-    for path in sorted(records):
-        value = records[path]
-        if not isinstance(value, str) or not value:
-            continue
-        for rule in rules:
-            if rule.path.search(path):
-                items.append({"key": path, "kind": rule.kind, "value": value})
-                break
-    return items
+    """Return the enrichment requests for the records the rules select, in path order; a
+    record goes to the first rule whose pattern its path matches.
+
+    A path without any of the literals a rule's pattern needs is not searched: a
+    substring test costs a fraction of a failing search (~0.1 s → ~0.03 s for the
+    70,000 records of a 5 MiB `info` under the default rules; `upsertflow.literals`).
+    """
+    paths = [path for path, value in records.items() if isinstance(value, str) and value]
+    kinds: dict[str, str] = {}
+    for rule in rules:
+        if rule.needs is None:
+            candidates = paths
+        elif len(rule.needs) == 1:
+            (literal,) = rule.needs
+            candidates = [path for path in paths if literal in path]
+        else:
+            candidates = [path for path in paths if any(needed in path for needed in rule.needs)]
+        search = rule.path.search
+        for path in candidates:
+            if path not in kinds and search(path):
+                kinds[path] = rule.kind
+    return [{"key": path, "kind": kinds[path], "value": records[path]} for path in sorted(kinds)]
 
 
 class EnrichActivities:
@@ -96,7 +116,7 @@ class EnrichActivities:
         self._store = store
         self._http = http
         self._config = config
-        self._rules = [_Rule(re.compile(rule.path), rule.kind) for rule in config.rules]
+        self._rules = [_Rule.of(rule) for rule in config.rules]
         # Batch i is only the same batch under the same rules and batch size: checkpoints
         # are named after both, so an attempt retried by a worker configured otherwise (a
         # deploy that changes them) asks again rather than skipping values it never asked.
