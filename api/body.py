@@ -37,11 +37,13 @@ import asyncio
 import hashlib
 import json
 import math
+import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+import orjson
 from starlette.requests import Request
 
 from api.problems import Problem
@@ -50,6 +52,9 @@ from upsertflow.store.blobs import Document
 
 _MAX_SAFE_INT = 2**53
 _MAX_SAFE_INT_DIGITS = len(str(_MAX_SAFE_INT))  # 16
+#: orjson reads an integer literal beyond 64 bits as a float, of this size at least.
+_TWO_63 = float(2**63)
+_BOM = "\ufeff".encode()
 _EXCERPT_CHARS = 40
 _SETTING_PREFIX = "UPSERTFLOW_LIMITS__"
 _RECORDS = (
@@ -61,6 +66,10 @@ _ROOT_VALUES = 3
 #: For `bytes.translate`: every byte but `"`, `[`, `{` and `,` (none is part of a
 #: multi-byte UTF-8 character).
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'"[{,')
+#: For `bytes.translate`: every byte but `"` and `:`.
+_NOT_COLONS = bytes(b for b in range(256) if b not in b'":')
+#: A string, once escapes are gone and only quotes and colons are left.
+_STRINGS = re.compile(rb'"[^"]*"')
 
 
 def _values_over(raw: bytes, budget: int) -> bool:
@@ -189,7 +198,6 @@ class _Hooks:
         self.budget = limits.max_records + limits.max_attributes_bytes // 2 + 1 + _ROOT_VALUES
         self.values = 0  # numbers and objects
         self.members = 0  # object members
-        self.floats = 0  # numbers with a fraction or an exponent
 
     def over_budget(self) -> NoReturn:
         limits = self.limits
@@ -234,7 +242,6 @@ class _Hooks:
 
     def number(self, text: str) -> float:
         self.values += 1
-        self.floats += 1
         if self.values > self.budget:
             self.over_budget()
         value = float(text)  # any length is fine for float(); too large gives inf
@@ -250,8 +257,15 @@ class _Hooks:
         raise _invalid(f"{name} is not valid JSON: numbers must be finite")
 
 
-def parse_upsert_body(raw: bytes, limits: Limits) -> UpsertBody:
-    """Parse and check an upsert body; raise a `Problem` saying what is wrong."""
+def parse_upsert_body(raw: bytes, limits: Limits, *, fast: bool = True) -> UpsertBody:
+    """Parse and check an upsert body; raise a `Problem` saying what is wrong.
+
+    Two parsers, one answer: orjson first (~4× faster than `json` with hooks: ~45 ms
+    less for 5 MiB), kept only if it provably read the body as the strict parser does
+    (`_fast`); anything else, and every refusal, goes through the strict parser, whose
+    problems say exactly what is wrong. `fast=False`: the strict parser alone (the
+    tests hold the two to the same answers).
+    """
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
@@ -262,13 +276,15 @@ def parse_upsert_body(raw: bytes, limits: Limits) -> UpsertBody:
             f"the body is not valid UTF-8: invalid byte at position {error.start}",
         ) from None
     text = text.removeprefix("\ufeff")  # a byte order mark may be ignored (RFC 8259)
-    floats = False
     if not text.strip():
         value: Any = {}
     else:
         hooks = _Hooks(limits)
         if _values_over(raw, hooks.budget):
             hooks.over_budget()
+        parsed = _fast(raw.removeprefix(_BOM), limits) if fast else None
+        if parsed is not None:
+            return parsed
         try:
             value = json.loads(
                 text,
@@ -283,7 +299,49 @@ def parse_upsert_body(raw: bytes, limits: Limits) -> UpsertBody:
             raise _depth(limits, "the body") from None
         except ValueError:  # no other is expected; never show an interpreter's message
             raise Problem(400, "malformed-json", "Malformed JSON", "the body is not JSON") from None
-        floats = hooks.floats > 0
+    return _checked(value, limits)[0]
+
+
+def _fast(raw: bytes, limits: Limits) -> UpsertBody | None:
+    """The body parsed by orjson, if that is provably what the strict parser gives; None
+    (parse it strictly) if orjson refuses it, or if the body is refused, or might differ.
+
+    orjson refuses what the strict parser refuses for its own reasons (NaN, lone
+    surrogates, invalid JSON, numbers that overflow a double) and parses the rest to
+    the same values, but differs where the strict hooks check: it keeps the last of
+    duplicate keys, reads integers up to 2^64 as `int` and larger ones as `float`, and
+    has no budget of values. So this result counts: no two members with one key (every
+    member has one `:` outside strings), integers within ±2^53 and no float of 2^63 or
+    more (an integer too large for orjson, maybe). The budget needs no count: a body
+    within the limits `_checked` applies is within it.
+    """
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if type(value) is not dict:
+        return None
+    try:
+        body, tally = _checked(value, limits)
+    except Problem:
+        return None  # refused: the strict parser says why (it may find something first)
+    if tally.wide_numbers:
+        return None
+    if raw.count(b":") != tally.members and _colons_outside_strings(raw) != tally.members:
+        return None  # a duplicate key
+    return body
+
+
+def _colons_outside_strings(raw: bytes) -> int:
+    """The `:` of a JSON text outside its strings: one per object member. As in
+    `_values_over`: escaped backslashes and quotes removed, then every byte but quotes
+    and colons, then every string (now a quote, no quote, a quote)."""
+    marks = raw.replace(b"\\\\", b"").replace(b'\\"', b"").translate(None, _NOT_COLONS)
+    return _STRINGS.sub(b"", marks).count(b":")
+
+
+def _checked(value: Any, limits: Limits) -> tuple[UpsertBody, Tally]:
+    """Check a parsed body: its shape, then `attributes` and `info` against the limits."""
     if not isinstance(value, dict):
         raise _invalid("the body must be a JSON object with `attributes` and `info`")
     unknown = [key for key in value if key not in ("attributes", "info")]
@@ -296,12 +354,18 @@ def parse_upsert_body(raw: bytes, limits: Limits) -> UpsertBody:
     for field, part in (("attributes", attributes), ("info", info)):
         if not isinstance(part, dict):
             raise _invalid(f"`{field}` must be a JSON object", field)
-    return UpsertBody(
-        attributes=_attributes(attributes, limits, floats), info=_info(info, limits, floats)
+    (attributes_document, of_attributes), (info_document, of_info) = (
+        _attributes(attributes, limits),
+        _info(info, limits),
     )
+    tally = Tally(
+        members=len(value) + of_attributes.members + of_info.members,
+        wide_numbers=of_attributes.wide_numbers + of_info.wide_numbers,
+    )
+    return UpsertBody(attributes=attributes_document, info=info_document), tally
 
 
-def _attributes(attributes: dict[str, Any], limits: Limits, floats: bool) -> Document:
+def _attributes(attributes: dict[str, Any], limits: Limits) -> tuple[Document, Tally]:
     """Check `attributes` (stored as given, returned by every `GET`): its size and shape."""
     limit = limits.max_attributes_bytes
 
@@ -314,7 +378,7 @@ def _attributes(attributes: dict[str, Any], limits: Limits, floats: bool) -> Doc
         )
 
     # Every n values take at least 2n - 1 bytes: more than this many cannot fit.
-    measure(
+    tally = measure(
         attributes,
         "attributes",
         limits,
@@ -322,16 +386,16 @@ def _attributes(attributes: dict[str, Any], limits: Limits, floats: bool) -> Doc
         max_values=limit // 2 + 1,
         over_values=lambda: too_large(f"more than {limit:,}"),
     )
-    document = Document.of(attributes, floats=floats)
+    document = Document.of(attributes, floats=tally.floats > 0)
     if len(document.body) > limit:
         too_large(f"{len(document.body):,}")
-    return document
+    return document, tally
 
 
-def _info(info: dict[str, Any], limits: Limits, floats: bool) -> Document:
-    measure(info, "info", limits)
-    # A body without a float is written by orjson, to the same bytes (`Document.of`).
-    return Document.of(info, floats=floats)
+def _info(info: dict[str, Any], limits: Limits) -> tuple[Document, Tally]:
+    tally = measure(info, "info", limits)
+    # Without a float, orjson writes the document, to the same bytes (`Document.of`).
+    return Document.of(info, floats=tally.floats > 0), tally
 
 
 def _depth(limits: Limits, what: str, field: str | None = None) -> Problem:
@@ -343,6 +407,17 @@ def _depth(limits: Limits, what: str, field: str | None = None) -> Problem:
     )
 
 
+@dataclass(frozen=True)
+class Tally:
+    """What `measure` counted in a parsed value (`_fast` checks orjson's reading with it)."""
+
+    #: Members of objects.
+    members: int
+    #: Integers beyond ±2^53, and floats of 2^63 or more (an integer, maybe, to orjson).
+    wide_numbers: int
+    floats: int = 0
+
+
 def measure(
     root: dict[str, Any],
     field: str,
@@ -351,7 +426,7 @@ def measure(
     flatten: bool = True,
     max_values: int | None = None,
     over_values: Callable[[], NoReturn] | None = None,
-) -> None:
+) -> Tally:
     """Measure what `root` turns into once flattened, in one pass; raise at the first limit.
 
     Iterative (no recursion), and it stops as soon as a limit is crossed, so a hostile
@@ -371,6 +446,7 @@ def measure(
         max_values = limits.max_records
     measured: dict[str, tuple[int, int]] = {}  # non-ASCII key -> (characters, UTF-8 bytes)
     records = keys = longest_key = longest_path = flat = 0
+    floats = wide = 0
     # Frames: a container, its level, and the characters and bytes of its children's
     # path prefix (the container's own path and a dot; nothing at the root).
     stack: list[tuple[Any, int, int, int]] = [(root, 2, 0, 0)]
@@ -442,8 +518,13 @@ def measure(
                 stack.append((child, depth + 1, path_chars + 1, prefix_bytes + key_bytes + 1))
                 continue
             elif kind is int:
+                if child > _MAX_SAFE_INT or child < -_MAX_SAFE_INT:
+                    wide += 1
                 size = len(str(child))
             elif kind is float:
+                floats += 1
+                if not -_TWO_63 < child < _TWO_63:
+                    wide += 1
                 size = len(repr(child))
             else:  # true, false, null
                 size = 5 if child is False else 4
@@ -456,6 +537,7 @@ def measure(
                     "value of every record, in UTF-8)",
                     field,
                 )
+    return Tally(members=keys, wide_numbers=wide, floats=floats)
 
 
 def _utf8_size(text: str, field: str) -> int:
