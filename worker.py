@@ -62,9 +62,11 @@ def build_worker(
     With a `version`, the worker is that version of its Worker Deployment (Worker
     Versioning); without, an unversioned worker (the tests' in-process workers).
     """
+    # One store: a step's output passes to the next step in this worker without a read.
+    store = StepStore(sessions)
     implementations = [
-        ResourceActivities(sessions),
-        EnrichActivities(StepStore(sessions), http, settings.enrichment),
+        ResourceActivities(sessions, store),
+        EnrichActivities(store, http, settings.enrichment),
         WebhookActivities(http, settings.webhooks),
     ]
     return Worker(

@@ -49,9 +49,12 @@ def _sqlstate(error: DBAPIError) -> str:
 class ResourceActivities:
     """Database work of the upsert: persist, the storage side of ETL steps, outcomes."""
 
-    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(
+        self, sessions: async_sessionmaker[AsyncSession], store: StepStore | None = None
+    ) -> None:
         self._sessions = sessions
-        self._store = StepStore(sessions)
+        # One store for every step of the worker: its `Handoff` passes outputs between them.
+        self._store = store or StepStore(sessions)
 
     @activity.defn(name="persist")
     async def persist(self, request: PersistInput) -> Persisted:
@@ -139,6 +142,7 @@ class ResourceActivities:
                     if step.steps is None
                     else lambda records: step.succeeded_steps(attempt, {"records": records})
                 ),
+                handoff=self._store.handoff,
             )
         except versions.OutputMissing:
             raise missing_output(step, step.previous_step) from None

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy import select
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionmaker
 
 from api.main import create_app
 from api.security import Scope
 from api.tokens import mint
-from upsertflow.models import ResourceContext
+from upsertflow.contracts import EtlStatus
+from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.settings import Settings
 from upsertflow.store.contexts import ALL_RECORDS
 
@@ -139,3 +143,29 @@ async def context_records(
         )
     )
     return {resource_id: records for resource_id, records in rows}
+
+
+async def owned_version(sessions: async_sessionmaker[AsyncSession], resource_id: str) -> None:
+    """Version 1 of `resource_id`, persisted (an empty `info`), its ETL running and owned by
+    workflow "test": the workflow of every `ActivityEnvironment`, whose steps it fences in."""
+    now = datetime.now(UTC)
+    digest = hashlib.sha256(resource_id.encode()).hexdigest()
+    async with sessions.begin() as session:
+        session.add(Blob(digest=digest, body=b"{}", size_bytes=2))
+        session.add(
+            Resource(id=resource_id, version=1, attributes={}, created_at=now, updated_at=now)
+        )
+        await session.flush()
+        session.add(
+            ResourceVersion(
+                resource_id=resource_id,
+                version=1,
+                request_id=uuid.uuid4().hex,
+                blob_digest=digest,
+                persisted_at=now,
+                etl_status=EtlStatus.RUNNING,
+                etl_workflow_id="test",
+                etl_run_id="test",
+                etl_steps=[],
+            )
+        )

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import importlib.abc
 import random
 import sys
-import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -23,9 +20,9 @@ from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.enrich import EnrichActivities
-from tests.helpers import eventually, wait_for_etl
-from upsertflow.contracts import EtlStatus, StepInput
-from upsertflow.models import Blob, Resource, ResourceVersion, StepOutput
+from tests.helpers import eventually, owned_version, wait_for_etl
+from upsertflow.contracts import StepInput
+from upsertflow.models import ResourceVersion, StepOutput
 from upsertflow.settings import Enrichment, Settings
 from upsertflow.store.steps import StepStore
 from worker import build_worker, enrichment_client
@@ -119,27 +116,7 @@ async def version_with_records(
     sessions: async_sessionmaker[AsyncSession], resource_id: str
 ) -> StepInput:
     """A persisted version whose `normalize` output has six records to enrich."""
-    now = datetime.now(UTC)
-    digest = hashlib.sha256(resource_id.encode()).hexdigest()
-    async with sessions.begin() as session:
-        session.add(Blob(digest=digest, body=b"{}", size_bytes=2))
-        session.add(
-            Resource(id=resource_id, version=1, attributes={}, created_at=now, updated_at=now)
-        )
-        await session.flush()
-        session.add(
-            ResourceVersion(
-                resource_id=resource_id,
-                version=1,
-                request_id=uuid.uuid4().hex,
-                blob_digest=digest,
-                persisted_at=now,
-                etl_status=EtlStatus.RUNNING,
-                etl_workflow_id="test",
-                etl_run_id="test",
-                etl_steps=[],
-            )
-        )
+    await owned_version(sessions, resource_id)
     step = StepInput(resource_id=resource_id, version=1, step="enrich", previous_step="normalize")
     records = {f"site_{n}.country": code for n, code in enumerate(SITES)}
     # As the workflow that owns the version's ETL ("test", as in every ActivityEnvironment).
