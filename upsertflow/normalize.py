@@ -59,7 +59,9 @@ records, with nothing dropped and no collision.
 Cost: linear in the size of ``info``. Each distinct raw key is normalized once;
 ASCII keys skip Unicode normalization; traversal is iterative, so nesting depth is
 not limited by the recursion limit. Besides ``records``, memory is ``dropped`` (one
-raw path per dropped leaf) and the capped collision details above.
+raw path per dropped leaf) and the capped collision details above. An ``info`` with a
+collision is walked twice (the second walk finds the listed paths' raw sources): the
+first builds no raw path a kept leaf does not need.
 
 Non-JSON input (non-string keys, other value types, NaN/Infinity) raises.
 """
@@ -277,17 +279,47 @@ def _children(node: Any, path: str) -> Iterable[tuple[str, Any]] | None:
 
 def normalize_info(info: Mapping[str, Any]) -> Normalized:
     """Flatten, normalize and coerce a parsed JSON object (see the module docstring)."""
+    if not isinstance(info, Mapping):
+        raise TypeError(f"info must be a mapping, not {type(info).__name__}")
+    walk = _walk(info)
+    sources: dict[str, list[str]] = {}
+    if walk.listed:
+        # Collisions: walk again for the raw paths of the leaves of the paths listed. The
+        # first walk builds no raw path a record does not need (~20 % of its time), as
+        # most inputs have no collision at all; one that has costs a second walk.
+        sources = {path: [] for path in walk.listed}
+        _walk(info, sources)
+    return Normalized(
+        records=walk.records,
+        dropped=tuple(walk.dropped),
+        collisions=tuple(
+            Collision(path, tuple(sources[path]), walk.lost_at[path]) for path in walk.listed
+        ),
+        lost=walk.lost,
+        collided_paths=len(walk.lost_at),
+    )
+
+
+@dataclass
+class _Walk:
+    records: dict[str, JsonScalar]
+    dropped: list[str]
+    lost: int
+    lost_at: dict[str, int]  # path -> leaves that lost it (every collided path)
+    listed: list[str]  # the first MAX_COLLISIONS collided paths, in order of detection
+
+
+def _walk(info: Mapping[str, Any], sources: dict[str, list[str]] | None = None) -> _Walk:
+    """Flatten `info` depth first. With `sources`: also collect, for each of its paths, the
+    raw paths of the first `MAX_COLLISION_SOURCES` kept leaves that normalize to it."""
     records: dict[str, JsonScalar] = {}
-    first_source: dict[str, str] = {}  # path -> raw path of the leaf that kept it
-    lost_at: dict[str, int] = {}  # path -> leaves that lost it (every collided path)
-    listed: dict[str, list[str]] = {}  # path -> sources, for the first MAX_COLLISIONS
+    lost_at: dict[str, int] = {}
+    listed: list[str] = []
     dropped: list[str] = []
     lost = 0
     key_cache: dict[str, str] = {}
     value_cache: dict[str, JsonScalar | None] = {}  # string leaf -> coerced (values repeat)
 
-    if not isinstance(info, Mapping):
-        raise TypeError(f"info must be a mapping, not {type(info).__name__}")
     root = _children(info, "") or ()
     # Each frame: (normalized prefix, raw prefix, remaining children); a prefix is ""
     # or ends in "." (the normalized one is "" while every segment so far was empty).
@@ -298,7 +330,6 @@ def normalize_info(info: Mapping[str, Any]) -> Normalized:
             norm_key = key_cache.get(raw_key)
             if norm_key is None:
                 norm_key = key_cache[raw_key] = _normalize_raw_key(raw_key)
-            raw_path = raw_prefix + raw_key
 
             coerced: JsonScalar | None
             if isinstance(value, str):
@@ -312,9 +343,10 @@ def normalize_info(info: Mapping[str, Any]) -> Normalized:
                 coerced = value
             elif isinstance(value, float):
                 if not math.isfinite(value):
-                    raise ValueError(f"non-finite number at {raw_path!r}")
+                    raise ValueError(f"non-finite number at {raw_prefix + raw_key!r}")
                 coerced = value
             else:
+                raw_path = raw_prefix + raw_key
                 children = _children(value, raw_path)
                 if children is None:
                     raise TypeError(f"unsupported {type(value).__name__} at {raw_path!r}")
@@ -323,36 +355,27 @@ def normalize_info(info: Mapping[str, Any]) -> Normalized:
                 break  # descend now, so output follows input (depth-first) order
 
             if coerced is None:
-                dropped.append(raw_path)
+                dropped.append(raw_prefix + raw_key)
                 continue
             if norm_key:
                 path = norm_prefix + norm_key
             else:
                 path = norm_prefix[:-1] or "_"
+            if sources is not None:
+                listed_sources = sources.get(path)
+                if listed_sources is not None and len(listed_sources) < MAX_COLLISION_SOURCES:
+                    listed_sources.append(raw_prefix + raw_key)
             if path not in records:
                 records[path] = coerced
-                first_source[path] = raw_path
                 continue
             lost += 1
             count = lost_at.get(path)
             if count is None:
                 lost_at[path] = 1
                 if len(listed) < MAX_COLLISIONS:
-                    listed[path] = [first_source[path], raw_path]
+                    listed.append(path)
             else:
                 lost_at[path] = count + 1
-                sources = listed.get(path)
-                if sources is not None and len(sources) < MAX_COLLISION_SOURCES:
-                    sources.append(raw_path)
         else:
             stack.pop()
-
-    return Normalized(
-        records=records,
-        dropped=tuple(dropped),
-        collisions=tuple(
-            Collision(path, tuple(sources), lost_at[path]) for path, sources in listed.items()
-        ),
-        lost=lost,
-        collided_paths=len(lost_at),
-    )
+    return _Walk(records, dropped, lost, lost_at, listed)
