@@ -10,14 +10,14 @@ by reading the pattern's parse tree, the way RE2 and Hyperscan prefilter.
 Sound by construction, never clever: a literal is only reported when every match
 must contain it, and anything not understood (case-insensitive matching, a parse
 tree of an unknown shape, a Python whose `re` internals moved) gives None — no
-filter, every path searched, as before.
+filter: every path is searched with the pattern.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 # CPython's regex parser and its opcodes (3.11+; typeshed does not describe them).
@@ -43,18 +43,6 @@ def required_literals(pattern: re.Pattern[str]) -> Literals | None:
         return _sequence(list(tree))
     except Exception:  # an internal shape this does not know: no filter, never a wrong one
         return None
-
-
-def could_match(pattern: re.Pattern[str]) -> Callable[[str], bool] | None:
-    """A fast test that is False only for texts `pattern` cannot match; None if none known."""
-    literals = required_literals(pattern)
-    if literals is None:
-        return None
-    if len(literals) == 1:
-        (literal,) = literals
-        return lambda text: literal in text
-    ordered = sorted(literals, key=len)
-    return lambda text: any(literal in text for literal in ordered)
 
 
 def _sequence(items: Iterable[tuple[Any, Any]]) -> Literals | None:

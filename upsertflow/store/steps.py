@@ -179,11 +179,10 @@ def _version_of(step: StepInput) -> dict[str, Any]:
 class StepStore:
     """Read and write the data of ETL steps, fenced by the ownership of the ETL."""
 
-    def __init__(
-        self, sessions: async_sessionmaker[AsyncSession], handoff: Handoff | None = None
-    ) -> None:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         self.sessions = sessions
-        self.handoff = handoff or Handoff()
+        #: Shared by the steps that use this store (one per worker: `worker.build_worker`).
+        self.handoff = Handoff()
 
     @property
     def _engine(self) -> AsyncEngine:
