@@ -98,17 +98,37 @@ def deployment_config(version: WorkerDeploymentVersion) -> WorkerDeploymentConfi
 
 
 async def describe(client: Client, deployment_name: str) -> DescribeWorkerDeploymentResponse | None:
-    """The deployment as the server knows it; None before any of its workers has polled."""
-    try:
-        return await client.workflow_service.describe_worker_deployment(
-            DescribeWorkerDeploymentRequest(
-                namespace=client.namespace, deployment_name=deployment_name
-            )
-        )
-    except RPCError as error:
-        if error.status == RPCStatusCode.NOT_FOUND:
-            return None
-        raise
+    """The deployment as the server knows it; None before any of its workers has polled.
+
+    The server keeps a deployment in a workflow of its own, and has been seen to cancel a
+    describe (`operation was canceled`) just after a version was made current: a call it
+    cancelled or did not answer is made again, for up to `_DESCRIBE_PATIENCE`.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + _DESCRIBE_PATIENCE.total_seconds()
+    request = DescribeWorkerDeploymentRequest(
+        namespace=client.namespace, deployment_name=deployment_name
+    )
+    while True:
+        try:
+            return await client.workflow_service.describe_worker_deployment(request)
+        except RPCError as error:
+            if error.status == RPCStatusCode.NOT_FOUND:
+                return None
+            if error.status not in _DESCRIBE_AGAIN or loop.time() >= deadline:
+                raise
+            log.info("the server did not finish describing the deployment: %s", error.message)
+            await asyncio.sleep(0.2)
+
+
+#: How long `describe` asks again after the server cancelled or did not answer a call.
+_DESCRIBE_PATIENCE = timedelta(seconds=30)
+#: What `describe` asks again after (`operation was canceled`, seen on the dev server).
+_DESCRIBE_AGAIN = (
+    RPCStatusCode.CANCELLED,
+    RPCStatusCode.DEADLINE_EXCEEDED,
+    RPCStatusCode.UNAVAILABLE,
+)
 
 
 async def wait_until_registered(
