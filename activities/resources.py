@@ -104,7 +104,7 @@ class ResourceActivities:
         normalized = await off_loop(
             normalize_info, begun.input, inline=begun.input_bytes <= INLINE_NORMALIZE_BYTES
         )
-        if not await self._store.write(step, dict(normalized.records)):
+        if not await self._store.write(step, normalized.records):
             return superseded_result()
         return StepResult(
             attempt=activity.info().attempt,

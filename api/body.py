@@ -361,6 +361,7 @@ def _checked(value: Any, limits: Limits) -> tuple[UpsertBody, Tally]:
     tally = Tally(
         members=len(value) + of_attributes.members + of_info.members,
         wide_numbers=of_attributes.wide_numbers + of_info.wide_numbers,
+        floats=of_attributes.floats + of_info.floats,
     )
     return UpsertBody(attributes=attributes_document, info=info_document), tally
 
@@ -415,7 +416,8 @@ class Tally:
     members: int
     #: Integers beyond ±2^53, and floats of 2^63 or more (an integer, maybe, to orjson).
     wide_numbers: int
-    floats: int = 0
+    #: Floats (a document without one is written by orjson: `Document.of`).
+    floats: int
 
 
 def measure(

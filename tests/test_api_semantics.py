@@ -22,8 +22,7 @@ from temporalio.worker import (
     Worker,
 )
 
-from api.main import create_app
-from tests.helpers import TERMINAL, auth_headers, wait_for_etl
+from tests.helpers import TERMINAL, api_client, wait_for_etl
 from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.settings import Settings
 from worker import build_worker, enrichment_client
@@ -238,18 +237,13 @@ async def test_idempotency_key_in_flight_is_409_then_replays_the_202(
     client: Client, settings: Settings, sessions: async_sessionmaker[AsyncSession], resource_id: str
 ) -> None:
     # No worker: persisting cannot finish, so the first request is in flight for the sync timeout.
-    app = create_app(with_api(settings, sync_timeout_seconds=2.0))
     key = {"Idempotency-Key": f"slow-{resource_id}"}
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api", headers=auth_headers(settings)
-        ) as http:
-            first = asyncio.create_task(http.put(f"/resources/{resource_id}", json={}, headers=key))
-            await asyncio.sleep(0.5)
-            concurrent = await http.put(f"/resources/{resource_id}", json={}, headers=key)
-            accepted = await first
-            repeat = await http.put(f"/resources/{resource_id}", json={}, headers=key)
+    async with api_client(with_api(settings, sync_timeout_seconds=2.0)) as http:
+        first = asyncio.create_task(http.put(f"/resources/{resource_id}", json={}, headers=key))
+        await asyncio.sleep(0.5)
+        concurrent = await http.put(f"/resources/{resource_id}", json={}, headers=key)
+        accepted = await first
+        repeat = await http.put(f"/resources/{resource_id}", json={}, headers=key)
 
     assert concurrent.status_code == 409
     assert concurrent.headers["content-type"] == "application/problem+json"
@@ -268,13 +262,8 @@ async def test_idempotency_keys_survive_an_api_restart_and_expire(
     short_lived = with_api(settings, idempotency_ttl_seconds=2)
 
     async def put() -> httpx.Response:
-        app = create_app(short_lived)  # a new API process, as far as state goes
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://api", headers=auth_headers(settings)
-            ) as http:
-                return await http.put(f"/resources/{resource_id}", json={}, headers=key)
+        async with api_client(short_lived) as http:  # a new API process, as far as state goes
+            return await http.put(f"/resources/{resource_id}", json={}, headers=key)
 
     first = await put()
     replayed = await put()
@@ -477,13 +466,8 @@ async def unreachable_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient
     address = os.environ["TEMPORAL_ADDRESS"]
     os.environ["TEMPORAL_ADDRESS"] = f"127.0.0.1:{free_port()}"
     try:
-        app = create_app(with_api(settings, sync_timeout_seconds=1.0))
-        async with app.router.lifespan_context(app):
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(
-                transport=transport, base_url="http://api", headers=auth_headers(settings)
-            ) as http:
-                yield http
+        async with api_client(with_api(settings, sync_timeout_seconds=1.0)) as http:
+            yield http
     finally:
         os.environ["TEMPORAL_ADDRESS"] = address
 

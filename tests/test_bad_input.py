@@ -11,8 +11,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 
-from api.main import create_app
-from tests.helpers import auth_headers
+from tests.helpers import api_client
 from upsertflow.models import Blob, IdempotencyKey, Resource
 from upsertflow.settings import Limits, Settings
 
@@ -22,13 +21,8 @@ LIMITS = Limits(max_body_bytes=4096, max_depth=5, max_info_keys=10)
 @pytest.fixture
 async def strict_api(settings: Settings) -> AsyncIterator[httpx.AsyncClient]:
     """The API with small limits, so each one is easy to exceed."""
-    app = create_app(settings.model_copy(update={"limits": LIMITS}))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api", headers=auth_headers(settings)
-        ) as http:
-            yield http
+    async with api_client(settings.model_copy(update={"limits": LIMITS})) as http:
+        yield http
 
 
 async def _counts(sessions: async_sessionmaker[AsyncSession]) -> tuple[int, int, int]:

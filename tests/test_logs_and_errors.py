@@ -55,7 +55,7 @@ from activities.interceptor import AttemptInterceptor
 from api.main import create_app
 from devstack import REPO_ROOT, free_port, stop_process, wait_for_port
 from tests.conftest import SIGNING_KEY
-from tests.helpers import auth_headers, wait_for_etl
+from tests.helpers import api_client, auth_headers, wait_for_etl
 from upsertflow.db import create_engine
 from upsertflow.logs import (
     ERROR_TEXT_LIMIT,
@@ -722,13 +722,8 @@ async def api_without_database(
             "database_url": SecretStr(f"postgresql+asyncpg://u:hunter2@127.0.0.1:{free_port()}/db")
         }
     )
-    app = create_app(down)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api", headers=auth_headers(settings)
-        ) as http:
-            yield http
+    async with api_client(down) as http:
+        yield http
 
 
 async def test_a_database_outage_is_a_503_problem_with_retry_after(
