@@ -3,7 +3,9 @@
 Records are selected by the enrichment rules (a path pattern and a kind each),
 sent in batches, `concurrency` of them in flight at once, and each answer's fields
 are merged as `{path}.{field}` (`address.country` = "FR" gains
-`address.country.country_name` = "France"). After every batch the activity stores
+`address.country.country_name` = "France"): its output is the records with those
+fields, or (pipeline v6, `StepInput.stores_additions`) those fields alone, which
+the load merges into the records. After every batch the activity stores
 that batch's answers (a checkpoint in PostgreSQL, one row per batch, so
 checkpointing stays linear in the number of batches; the last batch's answers are
 stored with the step's output instead) and heartbeats its progress (the number of
@@ -186,7 +188,9 @@ class EnrichActivities:
             await asyncio.gather(*askers, return_exceptions=True)
         if not all(finished):
             return superseded_result()
-        if not await self._store.write(step, {**records, **merged}):
+        # Pipeline v6: only the fields added, which the load merges into the records.
+        output = merged if step.stores_additions else {**records, **merged}
+        if not await self._store.write(step, output):
             return superseded_result()
         return StepResult(
             attempt=info.attempt,

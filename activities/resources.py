@@ -121,13 +121,16 @@ class ResourceActivities:
     async def load(self, step: StepInput) -> StepResult:
         """Replace the resource's context with this version's records, unless a newer one won.
 
+        The records are the output of the step before, or (pipeline v6) the outputs of
+        `StepInput.records_from` merged: `normalize`'s records with `enrich`'s additions.
+
         Idempotent: a retried attempt of a load that committed finds the context
         loaded by its own run and reports it again. A new run of the same version
         (an ETL retry) replaces the context: a retry recomputes it. Given the run's
         steps (pipeline v5), it records the ETL as succeeded in the same transaction.
         """
         attempt = activity.info().attempt
-        if step.previous_step is None:  # a pipeline whose first step loads: nothing to load
+        if not step.sources:  # a pipeline whose first step loads: nothing to load
             raise missing_output(step, step.previous_step)
         try:
             records = await versions.load_context(
@@ -135,7 +138,7 @@ class ResourceActivities:
                 step.resource_id,
                 step.version,
                 *_workflow(),
-                step.previous_step,
+                step.sources,
                 step.pipeline_version,
                 succeeded=(
                     None
@@ -144,8 +147,8 @@ class ResourceActivities:
                 ),
                 handoff=self._store.handoff,
             )
-        except versions.OutputMissing:
-            raise missing_output(step, step.previous_step) from None
+        except versions.OutputMissing as missing:
+            raise missing_output(step, missing.step) from None
         if records is None:
             return superseded_result()
         return StepResult(attempt=attempt, stats={"records": records})

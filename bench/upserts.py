@@ -55,6 +55,7 @@ from devstack import venv_binary
 from upsertflow import temporal
 from upsertflow.event_loops import loop_factory
 from upsertflow.settings import Limits
+from workflows.pipeline import PIPELINE_VERSION
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 #: Seconds to wait for any workflow, or for all of those of the throughput metric.
@@ -694,7 +695,8 @@ def report(args: argparse.Namespace, results: Results, seconds: float, busy: flo
             "Where the time goes: median per segment (ms) from the workflow histories "
             "of the one-at-a-time runs (end to end, large info). Activities: the regular "
             "ones — upsertflow's enrich (1); the baseline's 5 no-ops. "
-            "upsertflow's persist, normalize and load are local activities (pipeline v5; "
+            "upsertflow's persist, normalize and load are local activities (pipeline "
+            f"v{PIPELINE_VERSION}; "
             "record_outcome too, when an ETL does not succeed): they run inside workflow "
             "tasks, so their time is in "
             "'workflow tasks ran on the worker'. Queued: scheduled → started; ran: "

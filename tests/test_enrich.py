@@ -214,6 +214,39 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     assert stats["by_status"] == {"200": 3, "503": 1}
 
 
+async def test_a_step_that_stores_its_additions_stores_every_field_it_added_and_nothing_else(
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    enrichment: httpx.AsyncClient,
+    version_with_records: StepInput,
+) -> None:
+    """Pipeline v6: `enrich` stores the fields it added, not the records it read — those of
+    the batches an earlier attempt stored included — and the load merges them back."""
+    step = version_with_records.model_copy(update={"stores_additions": True})
+    config = Enrichment(url=settings.enrichment.url, batch_size=2, concurrency=1)
+    admin_url = str(enrichment.base_url)
+
+    def fail_the_third(*details: object) -> None:
+        if details[0] == 2:  # two batches stored; the third request fails
+            httpx.put(f"{admin_url}/_faults", json={"fail_next": 1, "error_status": 503})
+
+    async with httpx.AsyncClient() as http:
+        activities = EnrichActivities(StepStore(sessions), http, config)
+        first = ActivityEnvironment()
+        first.on_heartbeat = fail_the_third
+        with pytest.raises(ApplicationError, match="503"):
+            await first.run(activities.enrich, step)
+        second = ActivityEnvironment()
+        second.info = dataclasses.replace(second.info, attempt=2, heartbeat_details=[2])
+        result = await second.run(activities.enrich, step)
+
+    assert result.stats["resumed_at_batch"] == 2
+    assert await enrich_output(sessions, step) == {
+        **{f"site_{n}.country.country_name": name for n, name in enumerate(SITES.values())},
+        **{f"site_{n}.country.region": "Europe" for n in range(len(SITES))},  # all six
+    }
+
+
 async def test_a_step_whose_input_is_gone_fails_for_good_and_asks_nothing(
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,

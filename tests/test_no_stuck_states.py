@@ -335,7 +335,7 @@ async def test_a_load_without_its_input_keeps_only_a_context_of_its_own_pipeline
         workflow_id = created.json()["etl"]["workflow_id"]
         await client.get_workflow_handle(workflow_id).result()
     # Another run of the same ETL loads again, its input gone with the first load.
-    load = (resource_id, 1, workflow_id, "another-run", "enrich")
+    load = (resource_id, 1, workflow_id, "another-run", ["normalize", "enrich"])
 
     kept = await versions.load_context(sessions, *load, OUTPUT_VERSION)
     with pytest.raises(versions.OutputMissing):  # a context computed otherwise: not kept

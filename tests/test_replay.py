@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 import uuid
 from pathlib import Path
 
@@ -70,6 +71,13 @@ SCENARIOS = [
     "v5_retried",
     "v5_superseded",
     "v5_cancelled",
+    # Pipeline v6 (`enrich` stores only its additions: the load merges them).
+    "v6_succeeded",
+    "v6_succeeded_after_retries",
+    "v6_failed",
+    "v6_retried",
+    "v6_superseded",
+    "v6_cancelled",
 ]
 #: The test-only key the histories are recorded with (`tests/histories/record.py`).
 HISTORY_CODEC = Codec(keys_file=HISTORIES / "codec-keys")
@@ -90,6 +98,27 @@ async def test_recorded_history_replays(scenario: str) -> None:
     result = await replayer().replay_workflow(history, raise_on_replay_failure=False)
 
     assert result.replay_failure is None, f"{scenario}: {result.replay_failure}"
+
+
+def _named_version(scenario: str) -> int | None:
+    """N of a `vN_*` history (None for the first version's)."""
+    named = re.match(r"v(\d+)_", scenario)
+    return None if named is None else int(named.group(1))
+
+
+@pytest.mark.parametrize("scenario", [s for s in SCENARIOS if (_named_version(s) or 0) >= 3])
+async def test_a_recorded_history_is_of_the_pipeline_version_it_is_named_after(
+    scenario: str,
+) -> None:
+    """From v3 on the version is in the workflow's input: `vN_*` histories ran pipeline N."""
+    path = HISTORIES / f"{scenario}.json"
+    history = WorkflowHistory.from_json(f"upsert-{scenario}", path.read_text())
+    started = history.events[0].workflow_execution_started_event_attributes
+    converter = temporal.data_converter(HISTORY_CODEC)
+
+    [request] = await converter.decode(started.input.payloads, [UpsertRequest])
+
+    assert request.pipeline_version == _named_version(scenario)
 
 
 async def test_an_encrypted_history_does_not_replay_without_its_key(

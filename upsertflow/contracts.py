@@ -126,6 +126,21 @@ class StepInput(BaseModel):
     #: step's state so far, this one's `running`. A load that commits records the ETL as
     #: succeeded with these (this step's completed), in its own transaction.
     steps: list[StepState] | None = None
+    #: Store only the records this step adds or replaces, not the map it read with them
+    #: (pipeline v6, `enrich`): the load merges them into that map. Its output is then a
+    #: fraction of the size, written, deleted and (on another worker) read once less.
+    stores_additions: bool = False
+    #: The load (pipeline v6): the step outputs whose records it loads, merged in order —
+    #: the first a whole map of records, each one after it what its step added or
+    #: replaced. None: the output of `previous_step` alone, a whole map.
+    records_from: list[str] | None = None
+
+    @property
+    def sources(self) -> list[str]:
+        """The step outputs this step's records are merged from (`records_from`)."""
+        if self.records_from is not None:
+            return self.records_from
+        return [] if self.previous_step is None else [self.previous_step]
 
     def succeeded_steps(self, attempt: int, stats: dict[str, int]) -> list[StepState]:
         """`steps`, this step's state completed: succeeded now, at `attempt`, with `stats`.

@@ -9,7 +9,9 @@ the newest (`newest()`, which the API asks for).
 
 Every step takes a `StepInput` and returns a `StepResult`; it reads the output of
 the step before it (the first step reads the raw `info`) from PostgreSQL and
-stores its own. The last step loads.
+stores its own: the whole map of records, or (`Step.stores_additions`, from v6)
+only the records it adds or replaces. The last step loads, merging the outputs
+back into one map (`StepInput.records_from`).
 
 To change the pipeline — add, remove or reorder a step, change what a step
 computes or how it runs — write the activity (a method of a class in
@@ -92,6 +94,9 @@ class Step(Call):
     activity: Callable[[Any, StepInput], Awaitable[StepResult]]
     #: A step that is not required may fail without failing the ETL.
     required: bool = True
+    #: The step stores only the records it adds or replaces (`StepInput.stores_additions`),
+    #: and the load merges them into the records it read: only the load may follow it.
+    stores_additions: bool = False
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +121,9 @@ class Pipeline:
     last_step_records_success: bool = False
 
     def __post_init__(self) -> None:
+        for step, after in zip(self.steps, self.steps[1:], strict=False):
+            # A step after it would read its additions as if they were all the records.
+            assert not step.stores_additions or after.activity is ResourceActivities.load, step
         if self.last_step_records_success:
             # Only `load` records the outcome with its work: any other last step would
             # leave the ETL running in PostgreSQL until the reconciler looked.
@@ -244,6 +252,22 @@ PIPELINES: dict[int, Pipeline] = {
         claim_etl=_AROUND_LOCAL,
         record_outcome=_AROUND_LOCAL,
         steps=(replace(_NORMALIZE, local=True), _ENRICH, replace(_LOAD, local=True)),
+        announce_running=False,
+        last_step_records_success=True,
+    ),
+    # `enrich` stores only the fields it adds, not the records it read with them: the load
+    # merges them into `normalize`'s records. For the bench's 5 MiB `info` its output is
+    # 1.8 MB instead of 7.7 MB: ~6 MB fewer encoded, written and deleted per upsert (and
+    # read, when `enrich` ran on another worker than the load).
+    6: Pipeline(
+        persist=_AROUND_LOCAL,
+        claim_etl=_AROUND_LOCAL,
+        record_outcome=_AROUND_LOCAL,
+        steps=(
+            replace(_NORMALIZE, local=True),
+            replace(_ENRICH, stores_additions=True),
+            replace(_LOAD, local=True),
+        ),
         announce_running=False,
         last_step_records_success=True,
     ),

@@ -60,6 +60,9 @@ class UpsertWorkflow:
         else:
             progress.status = EtlStatus.RUNNING
         previous: str | None = None
+        #: The outputs the records are in, merged in order (pipeline v6: `enrich` stores
+        #: only its additions to `normalize`'s records).
+        sources: list[str] = []
         steps = self._pipeline.steps
         last = len(steps) - 1
         for index, (step, state) in enumerate(zip(steps, progress.steps, strict=True)):
@@ -83,6 +86,8 @@ class UpsertWorkflow:
                             if index == last and self._pipeline.last_step_records_success
                             else None
                         ),
+                        stores_additions=step.stores_additions,
+                        records_from=list(sources) if len(sources) > 1 else None,
                     ),
                     summary=f"{step.name} {request.resource_id} v{persisted.version}",
                 )
@@ -117,6 +122,7 @@ class UpsertWorkflow:
                 return progress
             state.status = StepStatus.SUCCEEDED
             previous = step.name
+            sources = [*sources, step.name] if step.stores_additions else [step.name]
         await self._finish(EtlStatus.SUCCEEDED, recorded=self._pipeline.last_step_records_success)
         return progress
 

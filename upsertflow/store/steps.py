@@ -128,8 +128,9 @@ class Handoff:
     decoding it again (~25 ms each for the 70,000 records of a 5 MiB `info`).
 
     Bounded: at most `max_records` records held (the oldest go first), none longer than
-    `TTL_SECONDS`, each taken once. Outputs are kept as written: a step must not change a
-    value it stored, nor one it took (neither does).
+    `TTL_SECONDS`, each taken once (by the load, when a step before it stored only its
+    additions: pipeline v6). Outputs are kept as written: a step must not change a value
+    it stored, nor one it took (neither does).
     """
 
     TTL_SECONDS = 60.0
@@ -155,11 +156,16 @@ class Handoff:
                 break
             self._drop(next(iter(self._held)))
 
-    def take(self, resource_id: str, version: int, name: str | None) -> Held | None:
-        """What is held as the output of step `name` of the version (no longer held after)."""
+    def take(
+        self, resource_id: str, version: int, name: str | None, *, keep: bool = False
+    ) -> Held | None:
+        """What is held as the output of step `name` of the version: no longer held after,
+        unless `keep` (a step that stores only its additions leaves the records it read
+        for the load, which merges them)."""
         if name is None:
             return None
-        held = self._drop((resource_id, version, name))
+        key = (resource_id, version, name)
+        held = self._held[key][0] if keep and key in self._held else self._drop(key)
         if held is None or time.monotonic() - held.at > self.TTL_SECONDS:
             return None
         return held
@@ -200,7 +206,9 @@ class StepStore:
         row still holds that write.
         """
         info = activity.info()
-        held = self.handoff.take(step.resource_id, step.version, step.previous_step)
+        held = self.handoff.take(
+            step.resource_id, step.version, step.previous_step, keep=step.stores_additions
+        )
         params = {
             **_version_of(step),
             "workflow_id": info.workflow_id,

@@ -188,10 +188,11 @@ async def claim_version(
 
 
 #: Where the context of a resource stands for a load of `:version` by the run `:run_id`
-#: of `:workflow_id`, and the step output to load (only while the version is current: a
-#: superseded load fetches no document); the resource locked: loads of one resource
-#: follow each other, and the load's write, a statement later, sees what the one before
-#: wrote.
+#: of `:workflow_id`, and the step outputs to load, `:steps`, in order (NULL for one not
+#: stored; empty for one the worker holds, `:known`, and the row still holds), only while
+#: the version is current (a superseded load fetches no document); the resource locked:
+#: loads of one resource follow each other, and the load's write, a statement later,
+#: sees what the one before wrote.
 _LOAD_CHECK = text(f"""
     SELECT resource.version = :version AND {OWNS_ETL} AS owned,
            context.version AS loaded,
@@ -200,13 +201,17 @@ _LOAD_CHECK = text(f"""
                     AND context.pipeline_version IS NOT DISTINCT FROM :pipeline_version,
                     false) AS same_load,
            context.record_count,
-           CASE WHEN {STORED_AS} = CAST(:known AS text) THEN ''::bytea ELSE output.body END
-               AS body
+           CASE WHEN resource.version = :version THEN (
+               SELECT array_agg(CASE WHEN {STORED_AS} = wanted.known THEN ''::bytea
+                                     ELSE output.body END ORDER BY wanted.position)
+               FROM unnest(CAST(:steps AS text[]), CAST(:known AS text[]))
+                    WITH ORDINALITY AS wanted(step, known, position)
+               LEFT JOIN etl_step_outputs AS output
+                 ON output.resource_id = resource.id AND output.version = :version
+                AND output.step = wanted.step
+           ) END AS bodies
     FROM resources AS resource
     LEFT JOIN resource_contexts AS context ON context.resource_id = resource.id
-    LEFT JOIN etl_step_outputs AS output
-      ON output.resource_id = resource.id AND output.version = :version AND output.step = :step
-     AND resource.version = :version
     WHERE resource.id = :resource_id
     FOR UPDATE OF resource
 """)
@@ -275,6 +280,11 @@ def chunked(body: bytes) -> Chunks:
     return chunks_of(decode_object(body))
 
 
+def _chunks(outputs: Sequence[dict[str, Any] | bytes]) -> Chunks:
+    """The chunks of step outputs merged (`merged`), each decoded or stored JSON."""
+    return chunks_of(merged([decode_object(o) if isinstance(o, bytes) else o for o in outputs]))
+
+
 def chunks_of(records: dict[str, Any]) -> Chunks:
     """The chunks of records (path -> value)."""
     paths = sorted(records)
@@ -287,8 +297,23 @@ def chunks_of(records: dict[str, Any]) -> Chunks:
     return chunks
 
 
+def merged(outputs: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Step outputs merged in order: the first a whole map of records, each after it what
+    its step added or replaced (pipeline v6). One output is returned as it is."""
+    if len(outputs) == 1:
+        return outputs[0]
+    records: dict[str, Any] = {}
+    for output in outputs:
+        records.update(output)
+    return records
+
+
 class OutputMissing(Exception):
-    """The step output to load is not stored (anymore)."""
+    """A step output to load is not stored (anymore)."""
+
+    def __init__(self, step: str, resource_id: str, version: int) -> None:
+        super().__init__(f"{step} of {resource_id} v{version}")
+        self.step = step
 
 
 async def load_context(
@@ -297,13 +322,15 @@ async def load_context(
     version: int,
     workflow_id: str,
     run_id: str,
-    source_step: str,
+    source_steps: Sequence[str],
     pipeline_version: int | None = None,
     succeeded: Callable[[int], list[StepState]] | None = None,
     handoff: Handoff | None = None,
 ) -> int | None:
-    """Replace the resource's context with the records `source_step` stored for the version;
-    return their number. Idempotent: if this run loaded it already, return that number.
+    """Replace the resource's context with the records `source_steps` stored for the
+    version (merged in order: the first a whole map, each after it what its step added or
+    replaced; `merged`); return their number. Idempotent: if this run loaded it already,
+    return that number.
 
     `succeeded` (pipeline v5): the ETL's steps, given the number of records loaded; the
     load records the ETL as succeeded with them, in its transaction (no window between the
@@ -311,26 +338,30 @@ async def load_context(
 
     None (nothing written) if the version is no longer current, its ETL is no longer this
     workflow's, or a newer version's context is loaded; a new run of the same version (an
-    ETL retry) replaces the context. If the output is gone but this version's context,
+    ETL retry) replaces the context. If an output is gone but this version's context,
     by this pipeline, is loaded already — a run reset past its steps after its load, which
     deleted the outputs — that context is kept and its number returned. Raises
     `OutputMissing` if there is nothing to load.
 
     The worker cuts the records in chunks (a thread for a large output) and PostgreSQL
     parses each: cutting them in SQL (expanding, sorting and aggregating every record) cost
-    PostgreSQL ~0.9 s for a 5 MiB input, this ~0.2 s and the worker ~0.1 s. The records
-    come from the `handoff` if this process stored them and the row still holds them.
+    PostgreSQL ~0.9 s for a 5 MiB input, this ~0.2 s and the worker ~0.1 s. Each output
+    comes from the `handoff` if this process stored it and the row still holds it.
     """
-    params = {
+    assert not isinstance(source_steps, str), "the names of steps, not one name"
+    params: dict[str, Any] = {
         "resource_id": resource_id,
         "version": version,
         "workflow_id": workflow_id,
         "run_id": run_id,
-        "step": source_step,
+        "steps": list(source_steps),
         "pipeline_version": pipeline_version,
     }
-    held = None if handoff is None else handoff.take(resource_id, version, source_step)
-    params["known"] = None if held is None else held.stored_as
+    helds = [
+        None if handoff is None else handoff.take(resource_id, version, step)
+        for step in source_steps
+    ]
+    params["known"] = [None if held is None else held.stored_as for held in helds]
     async with transactions(sessions).begin() as connection:
         state = (await connection.execute(_LOAD_CHECK, params)).one_or_none()
         if state is not None and state.ours:
@@ -338,9 +369,11 @@ async def load_context(
             return count
         if state is None or not state.owned or (state.loaded or 0) > version:
             return None
-        if state.body is None:
+        bodies: list[bytes | None] = state.bodies or [None] * len(source_steps)
+        missing = [step for step, body in zip(source_steps, bodies, strict=True) if body is None]
+        if missing:
             if not state.same_load:
-                raise OutputMissing(f"{source_step} of {resource_id} v{version}")
+                raise OutputMissing(missing[0], resource_id, version)
             # This version's context, by this pipeline, is loaded, and its outputs deleted
             # with that load: a run of this ETL reset past its steps after it loaded (the
             # Web UI's or the CLI's reset to the last workflow task). That context is what
@@ -359,10 +392,16 @@ async def load_context(
                     },
                 )
             return count
-        if held is not None and state.body == b"":  # the row holds what `held` holds
-            chunks = await off_loop(chunks_of, held.value, inline=held.size <= INLINE_BYTES)
-        else:
-            chunks = await off_loop(chunked, state.body, inline=len(state.body) <= INLINE_BYTES)
+        # An empty body: the row holds what the handoff holds.
+        outputs = [
+            (held.value, held.size) if held is not None and body == b"" else (body, len(body))
+            for held, body in zip(helds, bodies, strict=True)
+            if body is not None
+        ]
+        size = sum(size for _, size in outputs)
+        chunks = await off_loop(
+            _chunks, [value for value, _ in outputs], inline=size <= INLINE_BYTES
+        )
         await connection.execute(
             _LOAD,
             {
