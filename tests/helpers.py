@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession, async_sessionm
 from api.main import create_app
 from api.security import Scope
 from api.tokens import mint
-from upsertflow.contracts import EtlStatus
+from upsertflow.contracts import EtlStatus, StepInput
 from upsertflow.models import Blob, Resource, ResourceContext, ResourceVersion
 from upsertflow.settings import Settings
 from upsertflow.store.contexts import ALL_RECORDS
@@ -169,3 +169,26 @@ async def owned_version(sessions: async_sessionmaker[AsyncSession], resource_id:
                 etl_steps=[],
             )
         )
+
+
+def step_inputs(resource_id: str, *, additions: bool = False) -> tuple[StepInput, ...]:
+    """The inputs of normalize, enrich and load of version 1, each reading the one before;
+    with `additions`, as pipeline v6 calls them (`enrich` storing only what it adds, the
+    load merging it into `normalize`'s records)."""
+    return (
+        StepInput(resource_id=resource_id, version=1, step="normalize"),
+        StepInput(
+            resource_id=resource_id,
+            version=1,
+            step="enrich",
+            previous_step="normalize",
+            stores_additions=additions,
+        ),
+        StepInput(
+            resource_id=resource_id,
+            version=1,
+            step="load",
+            previous_step="enrich",
+            records_from=["normalize", "enrich"] if additions else None,
+        ),
+    )

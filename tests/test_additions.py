@@ -13,8 +13,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
 from activities.resources import ResourceActivities
-from tests.helpers import context_records, owned_version
-from upsertflow.contracts import StepInput
+from tests.helpers import context_records, owned_version, step_inputs
 from upsertflow.models import StepOutput
 from upsertflow.store.steps import StepStore
 from workflows import pipeline
@@ -25,32 +24,11 @@ ADDITIONS = {"contact.country.country_name": "France", "contact.country.region":
 CONTEXT = {**RECORDS, **ADDITIONS}
 
 
-def _steps(resource_id: str) -> tuple[StepInput, StepInput, StepInput]:
-    """normalize, enrich and load of version 1, as pipeline v6 calls them."""
-    return (
-        StepInput(resource_id=resource_id, version=1, step="normalize"),
-        StepInput(
-            resource_id=resource_id,
-            version=1,
-            step="enrich",
-            previous_step="normalize",
-            stores_additions=True,
-        ),
-        StepInput(
-            resource_id=resource_id,
-            version=1,
-            step="load",
-            previous_step="enrich",
-            records_from=["normalize", "enrich"],
-        ),
-    )
-
-
 async def test_the_load_merges_the_additions_into_the_records_the_step_before_read(
     sessions: async_sessionmaker[AsyncSession], resource_id: str
 ) -> None:
     await owned_version(sessions, resource_id)
-    normalize, enrich, load = _steps(resource_id)
+    normalize, enrich, load = step_inputs(resource_id, additions=True)
     store = StepStore(sessions)
     env = ActivityEnvironment()
 
@@ -74,7 +52,7 @@ async def test_a_load_merges_what_it_holds_with_what_another_worker_stored(
     """`enrich`, a regular activity, may run on another worker than the workflow's: the load
     reads its additions from PostgreSQL, and takes `normalize`'s records from its handoff."""
     await owned_version(sessions, resource_id)
-    normalize, enrich, load = _steps(resource_id)
+    normalize, enrich, load = step_inputs(resource_id, additions=True)
     store, other_worker = StepStore(sessions), StepStore(sessions)
     env = ActivityEnvironment()
 
@@ -94,7 +72,7 @@ async def test_a_load_missing_either_output_fails_for_good_saying_which(
     sessions: async_sessionmaker[AsyncSession], resource_id: str, gone: str
 ) -> None:
     await owned_version(sessions, resource_id)
-    normalize, enrich, load = _steps(resource_id)
+    normalize, enrich, load = step_inputs(resource_id, additions=True)
     env = ActivityEnvironment()
     store = StepStore(sessions)
     assert await env.run(store.write, normalize, RECORDS)

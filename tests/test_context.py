@@ -17,7 +17,7 @@ from temporalio.worker import Worker
 from tests.helpers import wait_for_etl
 from upsertflow.models import Resource, ResourceContext, ResourceContextChunk
 from upsertflow.settings import Limits
-from upsertflow.store.versions import chunked
+from upsertflow.store.versions import chunks_of
 
 INLINE = Limits().max_inline_context_records
 PROBLEM = "application/problem+json"
@@ -237,7 +237,7 @@ async def _store_context(
             )
         )
         await session.flush()
-        chunks = chunked(orjson.dumps(records))
+        chunks = chunks_of(records)
         session.add_all(
             ResourceContextChunk(
                 resource_id=resource_id,

@@ -21,7 +21,7 @@ from temporalio.worker import Worker
 
 from activities.enrich import EnrichActivities
 from tests.helpers import eventually, owned_version, wait_for_etl
-from upsertflow.contracts import StepInput
+from upsertflow.contracts import StepInput, StepResult
 from upsertflow.models import ResourceVersion, StepOutput
 from upsertflow.settings import Enrichment, Settings
 from upsertflow.store.steps import StepStore
@@ -168,6 +168,52 @@ async def assert_each_site_enriched_once(
     return stats
 
 
+@dataclasses.dataclass
+class Resumed:
+    """An `enrich` interrupted at its third request (a 503) and a second attempt resumed
+    from its last heartbeat (`interrupted_then_resumed`)."""
+
+    heartbeats: list[int]  # the first attempt's
+    resumed_heartbeats: list[object]  # the second's
+    result: StepResult  # the second's
+
+
+async def interrupted_then_resumed(
+    sessions: async_sessionmaker[AsyncSession],
+    enrichment: httpx.AsyncClient,
+    step: StepInput,
+    first: Enrichment,
+    second: Enrichment | None = None,
+) -> Resumed:
+    """Run `enrich` under `first` until its third request fails with a 503 (the service is
+    told so once two batches are stored), then again as attempt 2, resuming from the last
+    heartbeat, under `second` (a worker configured otherwise) or `first`."""
+    admin_url = str(enrichment.base_url)
+    heartbeats: list[int] = []
+    resumed_heartbeats: list[object] = []
+
+    def on_heartbeat(*details: object) -> None:
+        heartbeats.append(int(details[0]))  # type: ignore[call-overload]
+        if heartbeats[-1] == 2:  # two batches stored: make the third request fail
+            httpx.put(f"{admin_url}/_faults", json={"fail_next": 1, "error_status": 503})
+
+    async with httpx.AsyncClient() as http:
+        interrupted = ActivityEnvironment()
+        interrupted.on_heartbeat = on_heartbeat
+        activities = EnrichActivities(StepStore(sessions), http, first)
+        with pytest.raises(ApplicationError, match="503"):
+            await interrupted.run(activities.enrich, step)
+        resumed = ActivityEnvironment()
+        resumed.info = dataclasses.replace(
+            resumed.info, attempt=2, heartbeat_details=[heartbeats[-1]]
+        )
+        resumed.on_heartbeat = lambda *details: resumed_heartbeats.append(details[0])
+        if second is not None:
+            activities = EnrichActivities(StepStore(sessions), http, second)
+        result = await resumed.run(activities.enrich, step)
+    return Resumed(heartbeats, resumed_heartbeats, result)
+
+
 async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     sessions: async_sessionmaker[AsyncSession],
     settings: Settings,
@@ -177,38 +223,17 @@ async def test_a_retried_attempt_resumes_after_the_last_heartbeat(
     step = version_with_records
     # One batch at a time, so that "the third request" is the third batch.
     config = Enrichment(url=settings.enrichment.url, batch_size=2, concurrency=1)
-    heartbeats: list[int] = []
-    admin_url = str(enrichment.base_url)
+    run = await interrupted_then_resumed(sessions, enrichment, step, config)
+    assert run.heartbeats[-1] == 2
 
-    def on_heartbeat(*details: object) -> None:
-        heartbeats.append(int(details[0]))  # type: ignore[call-overload]
-        if heartbeats[-1] == 2:  # two batches done: make the third request fail
-            httpx.put(f"{admin_url}/_faults", json={"fail_next": 1, "error_status": 503})
-
-    async with httpx.AsyncClient() as http:
-        activities = EnrichActivities(StepStore(sessions), http, config)
-        first = ActivityEnvironment()
-        first.on_heartbeat = on_heartbeat
-        with pytest.raises(ApplicationError, match="503"):
-            await first.run(activities.enrich, step)
-        assert heartbeats[-1] == 2
-
-        second = ActivityEnvironment()
-        second.info = dataclasses.replace(
-            second.info, attempt=2, heartbeat_details=[heartbeats[-1]]
-        )
-        resumed_heartbeats: list[object] = []
-        second.on_heartbeat = lambda *details: resumed_heartbeats.append(details[0])
-        result = await second.run(activities.enrich, step)
-
-    assert result.stats == {
+    assert run.result.stats == {
         "selected": 6,
         "enriched_fields": 12,
         "batches": 3,
         "resumed_at_batch": 2,
     }
     # It said where it resumed (the last batch is stored with the output: no heartbeat).
-    assert resumed_heartbeats == [2]
+    assert run.resumed_heartbeats == [2]
     # Each value was enriched exactly once: the second attempt did not redo batches 1 and 2.
     stats = await assert_each_site_enriched_once(sessions, enrichment, step)
     assert stats["by_status"] == {"200": 3, "503": 1}
@@ -224,21 +249,7 @@ async def test_a_step_that_stores_its_additions_stores_every_field_it_added_and_
     the batches an earlier attempt stored included — and the load merges them back."""
     step = version_with_records.model_copy(update={"stores_additions": True})
     config = Enrichment(url=settings.enrichment.url, batch_size=2, concurrency=1)
-    admin_url = str(enrichment.base_url)
-
-    def fail_the_third(*details: object) -> None:
-        if details[0] == 2:  # two batches stored; the third request fails
-            httpx.put(f"{admin_url}/_faults", json={"fail_next": 1, "error_status": 503})
-
-    async with httpx.AsyncClient() as http:
-        activities = EnrichActivities(StepStore(sessions), http, config)
-        first = ActivityEnvironment()
-        first.on_heartbeat = fail_the_third
-        with pytest.raises(ApplicationError, match="503"):
-            await first.run(activities.enrich, step)
-        second = ActivityEnvironment()
-        second.info = dataclasses.replace(second.info, attempt=2, heartbeat_details=[2])
-        result = await second.run(activities.enrich, step)
+    result = (await interrupted_then_resumed(sessions, enrichment, step, config)).result
 
     assert result.stats["resumed_at_batch"] == 2
     assert await enrich_output(sessions, step) == {
@@ -285,20 +296,8 @@ async def test_an_attempt_retried_with_another_batch_size_asks_again_skipping_no
     step = version_with_records
     small = Enrichment(url=settings.enrichment.url, batch_size=2, concurrency=1)
     large = Enrichment(url=settings.enrichment.url, batch_size=4, concurrency=1)
-    admin_url = str(enrichment.base_url)
-
-    def fail_the_third(*details: object) -> None:
-        if details[0] == 2:  # batches of 2: values 0-3 stored; the third request fails
-            httpx.put(f"{admin_url}/_faults", json={"fail_next": 1, "error_status": 503})
-
-    async with httpx.AsyncClient() as http:
-        first = ActivityEnvironment()
-        first.on_heartbeat = fail_the_third
-        with pytest.raises(ApplicationError, match="503"):
-            await first.run(EnrichActivities(StepStore(sessions), http, small).enrich, step)
-        second = ActivityEnvironment()
-        second.info = dataclasses.replace(second.info, attempt=2, heartbeat_details=[2])
-        result = await second.run(EnrichActivities(StepStore(sessions), http, large).enrich, step)
+    # Batches of 2: values 0-3 stored, then the third request fails.
+    result = (await interrupted_then_resumed(sessions, enrichment, step, small, large)).result
 
     assert result.stats == {
         "selected": 6,

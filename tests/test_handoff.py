@@ -11,25 +11,15 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.testing import ActivityEnvironment
 
 from activities.resources import ResourceActivities
-from tests.helpers import context_records, owned_version
-from upsertflow.contracts import StepInput
+from tests.helpers import context_records, owned_version, step_inputs
 from upsertflow.store.steps import Handoff, Held, StepStore
-
-
-def _steps(resource_id: str) -> tuple[StepInput, StepInput, StepInput]:
-    """normalize, enrich and load of version 1, each reading the one before."""
-    return (
-        StepInput(resource_id=resource_id, version=1, step="normalize"),
-        StepInput(resource_id=resource_id, version=1, step="enrich", previous_step="normalize"),
-        StepInput(resource_id=resource_id, version=1, step="load", previous_step="enrich"),
-    )
 
 
 async def test_the_next_step_in_this_worker_takes_the_output_without_reading_it_once(
     sessions: async_sessionmaker[AsyncSession], resource_id: str
 ) -> None:
     await owned_version(sessions, resource_id)
-    normalize, enrich, _ = _steps(resource_id)
+    normalize, enrich, _ = step_inputs(resource_id)
     store = StepStore(sessions)
     records = {"contact.country": "FR", "n": 1}
     env = ActivityEnvironment()
@@ -49,7 +39,7 @@ async def test_an_output_another_worker_stored_since_is_read_not_handed_over(
     sessions: async_sessionmaker[AsyncSession], resource_id: str
 ) -> None:
     await owned_version(sessions, resource_id)
-    normalize, enrich, load = _steps(resource_id)
+    normalize, enrich, load = step_inputs(resource_id)
     store, other_worker = StepStore(sessions), StepStore(sessions)
     env = ActivityEnvironment()
 
@@ -78,7 +68,7 @@ def _held(value: dict[str, Any], at: float | None = None) -> Held:
 
 def test_the_handoff_holds_a_bounded_number_of_records_for_a_bounded_time() -> None:
     handoff = Handoff(max_records=5)
-    normalize = [_steps(f"r{n}")[0] for n in range(4)]
+    normalize = [step_inputs(f"r{n}")[0] for n in range(4)]
     handoff.keep(normalize[0], _held({"a": 1, "b": 2}))
     handoff.keep(normalize[1], _held({"a": 1, "b": 2}))
     handoff.keep(normalize[2], _held({"a": 1, "b": 2}))  # 6 records: the oldest goes

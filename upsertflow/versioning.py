@@ -121,14 +121,13 @@ async def describe(client: Client, deployment_name: str) -> DescribeWorkerDeploy
             await asyncio.sleep(0.2)
 
 
+#: A call the server did not answer in time, or cancelled (`operation was canceled`, seen
+#: on the dev server): each call here is made again after one.
+_UNANSWERED = (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
 #: How long `describe` asks again after the server cancelled or did not answer a call.
 _DESCRIBE_PATIENCE = timedelta(seconds=30)
-#: What `describe` asks again after (`operation was canceled`, seen on the dev server).
-_DESCRIBE_AGAIN = (
-    RPCStatusCode.CANCELLED,
-    RPCStatusCode.DEADLINE_EXCEEDED,
-    RPCStatusCode.UNAVAILABLE,
-)
+#: What `describe` asks again after: no answer, or no server for a moment.
+_DESCRIBE_AGAIN = (*_UNANSWERED, RPCStatusCode.UNAVAILABLE)
 
 
 async def wait_until_registered(
@@ -201,7 +200,7 @@ async def make_current_if_unset(client: Client, version: WorkerDeploymentVersion
         except RPCError as error:
             # Another worker changed the deployment since it was described, or the server
             # did not answer in time: look again.
-            unanswered = error.status in (RPCStatusCode.DEADLINE_EXCEEDED, RPCStatusCode.CANCELLED)
+            unanswered = error.status in _UNANSWERED
             log.info("retrying to make the first version current: %s", error.message)
             await asyncio.sleep(0.5)
             continue
@@ -216,11 +215,7 @@ async def make_current_if_unset(client: Client, version: WorkerDeploymentVersion
 _SET_CURRENT_TIMEOUT = timedelta(seconds=10)
 #: What `set_current` looks again after: the version's workers have not polled yet, or
 #: the server did not answer in time.
-_SET_CURRENT_AGAIN = (
-    RPCStatusCode.FAILED_PRECONDITION,
-    RPCStatusCode.DEADLINE_EXCEEDED,
-    RPCStatusCode.CANCELLED,
-)
+_SET_CURRENT_AGAIN = (RPCStatusCode.FAILED_PRECONDITION, *_UNANSWERED)
 
 
 async def _set_current(

@@ -216,7 +216,7 @@ _LOAD_CHECK = text(f"""
     FOR UPDATE OF resource
 """)
 #: The load itself, in one statement once checked: the context's row (its records go in
-#: its chunks), its chunks (each one's records, cut by `chunked`, parsed by PostgreSQL;
+#: its chunks), its chunks (each one's records, cut by `chunks_of`, parsed by PostgreSQL;
 #: chunks of before that no new one replaces gone), the version's step outputs, done
 #: with, and — given `:steps` (pipeline v5) — the ETL's outcome: succeeded, with those
 #: steps, if this workflow owns it. (Replaced chunks are updated, not deleted and inserted:
@@ -273,11 +273,6 @@ class Chunks:
     @property
     def record_count(self) -> int:
         return sum(self.counts)
-
-
-def chunked(body: bytes) -> Chunks:
-    """The chunks of the records a step stored (a JSON object of path -> value)."""
-    return chunks_of(decode_object(body))
 
 
 def _chunks(outputs: Sequence[dict[str, Any] | bytes]) -> Chunks:
